@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv idempotently: torch first (pinned CPU wheel unless a CUDA torch is already present),
+# then asyncflow with the extras this machine can use. A second run only checks and exits fast.
+#   EXTRAS=dev,hf,tasks scripts/setup.sh     (default: dev,hf)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-dev,hf}
+TORCH_VERSION=2.13.0
+stamp="$VENV/.asyncflow-setup"
+want="$(cat pyproject.toml setup.cfg | sha1sum | cut -c1-12) extras=$EXTRAS"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+py="$VENV/bin/python"
+"$py" -m pip install -q --upgrade pip >/dev/null
+if ! "$py" -c "import torch" 2>/dev/null; then
+  # An unpinned torch would pull a multi-GB CUDA build: pin the CPU wheel first.
+  "$py" -m pip install -q "torch==$TORCH_VERSION"
+fi
+"$py" -m pip install -q -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
+echo "asyncflow: environment ready in $VENV ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
