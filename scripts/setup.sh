@@ -15,11 +15,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 py="$VENV/bin/python"
-"$py" -m pip install -q --upgrade pip >/dev/null
+pip_install() {  # quiet, minus the index-location warnings some pip configs print per package
+  "$py" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
   # An unpinned torch would pull a multi-GB CUDA build: pin the CPU wheel first.
-  "$py" -m pip install -q "torch==$TORCH_VERSION"
+  pip_install "torch==$TORCH_VERSION"
 fi
-"$py" -m pip install -q -e ".[$EXTRAS]"
+pip_install -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
 echo "asyncflow: environment ready in $VENV ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

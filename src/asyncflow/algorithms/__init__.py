@@ -1,0 +1,17 @@
+"""RL algorithms as pure functions over tensors: advantages, policy losses, KL, log-probs.
+
+Nothing here knows about torch.distributed, I/O or config objects beyond its own arguments.
+"""
+
+from asyncflow.algorithms.advantages import group_advantages
+from asyncflow.algorithms.losses import kl_penalty, policy_loss, sequence_weights
+from asyncflow.algorithms.logprobs import entropy_from_logits, token_logprobs
+
+__all__ = [
+    "entropy_from_logits",
+    "group_advantages",
+    "kl_penalty",
+    "policy_loss",
+    "sequence_weights",
+    "token_logprobs",
+]
