@@ -1,0 +1,121 @@
+"""Placement: which ranks form the rollout mesh and the train mesh, and their process groups.
+
+Every `new_group` is created by every rank in the same order (a torch.distributed rule; breaking
+it hangs), each with the configured timeout so a dead peer surfaces as an error, not a hang.
+`colocated` puts every rank in both meshes (time-sliced): the baseline users compare against.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from asyncflow.log import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PlacementConfig:
+    """Which torchrun ranks run rollout and which train (the `placement=` config group)."""
+
+    kind: str = "split"
+    """`split` (disjoint rollout and train ranks) or `colocated` (every rank does both)."""
+    rollout_ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks of the rollout mesh (split only)."""
+    train_ranks: list[int] = field(default_factory=lambda: [1])
+    """Ranks of the train mesh (split only)."""
+
+    def __post_init__(self):
+        if self.kind not in ("split", "colocated"):
+            raise ValueError(f"placement.kind={self.kind!r}; use 'split' or 'colocated'")
+
+    def resolve(self, world_size: int) -> tuple[list[int], list[int]]:
+        """(rollout ranks, train ranks) for this world size; ValueError if they do not fit."""
+        if self.kind == "colocated":
+            return list(range(world_size)), list(range(world_size))
+        rollout, train = sorted(self.rollout_ranks), sorted(self.train_ranks)
+        if not rollout or not train:
+            raise ValueError("placement: rollout_ranks and train_ranks must both be non-empty")
+        if set(rollout) & set(train):
+            raise ValueError(f"placement: ranks {sorted(set(rollout) & set(train))} are in both "
+                             "rollout_ranks and train_ranks; use placement=colocated to share")
+        if sorted(rollout + train) != list(range(world_size)):
+            raise ValueError(
+                f"placement: rollout_ranks={rollout} + train_ranks={train} must cover ranks "
+                f"0..{world_size - 1} exactly (torchrun world size {world_size}); change "
+                f"--nproc_per_node or the placement")
+        return rollout, train
+
+
+@dataclass
+class Meshes:
+    """This rank's view of the placement. Groups are None on ranks outside them."""
+
+    rank: int
+    world_size: int
+    rollout_ranks: list[int]
+    train_ranks: list[int]
+    device: torch.device
+    train_mesh: DeviceMesh | None
+    """FSDP mesh over the train ranks."""
+    rollout_group: dist.ProcessGroup | None
+    """The rollout ranks (data-parallel generation)."""
+    sync_group: dist.ProcessGroup | None
+    """Train rank 0 plus every rollout rank: the weight broadcast."""
+
+    @property
+    def is_rollout(self) -> bool:
+        return self.rank in self.rollout_ranks
+
+    @property
+    def is_train(self) -> bool:
+        return self.rank in self.train_ranks
+
+    @property
+    def colocated(self) -> bool:
+        return self.rollout_ranks == self.train_ranks
+
+    @property
+    def sync_src(self) -> int:
+        """Global rank that sends weights: train rank 0."""
+        return self.train_ranks[0]
+
+
+def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    """init_process_group from torchrun's environment: NCCL with CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "cuda:nccl,cpu:gloo"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m` run: a world of one
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    return rank, world, device
+
+
+def build_meshes(cfg: PlacementConfig, timeout_s: float, device: torch.device) -> Meshes:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rollout, train = cfg.resolve(world)
+    timeout = timedelta(seconds=timeout_s)
+    # Same groups, same order, on every rank.
+    train_group = dist.new_group(train, timeout=timeout)
+    rollout_group = dist.new_group(rollout, timeout=timeout)
+    sync_ranks = sorted({train[0], *rollout})
+    sync_group = dist.new_group(sync_ranks, timeout=timeout)
+    train_mesh = DeviceMesh.from_group(train_group, device.type) if rank in train else None
+    meshes = Meshes(rank, world, rollout, train, device, train_mesh,
+                    rollout_group if rank in rollout else None,
+                    sync_group if rank in sync_ranks else None)
+    logger.info("placement %s: rollout ranks %s, train ranks %s", cfg.kind, rollout, train)
+    return meshes
