@@ -46,11 +46,11 @@ class OptimConfig:
 
     def __post_init__(self):
         if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
+            raise ValueError(f"trainer.optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+            raise ValueError(f"trainer.optim.warmup_steps={self.warmup_steps} must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+            raise ValueError(f"trainer.optim.betas={self.betas} must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -65,7 +65,7 @@ class PrecisionConfig:
     def __post_init__(self):
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"precision.{name}={getattr(self, name)!r}; use one of {list(_DTYPES)}")
+                raise ValueError(f"trainer.precision.{name}={getattr(self, name)!r}; use one of {list(_DTYPES)}")
 
 
 def apply_fsdp(model: CausalLM, mesh: DeviceMesh, precision: PrecisionConfig) -> CausalLM:

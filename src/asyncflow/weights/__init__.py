@@ -164,6 +164,21 @@ class DiskSync:
         return version
 
 
+class LocalSync:
+    """Colocated ranks (or train ranks that send nothing): every rank iterates the full weights
+    (FSDP all-gathers) and loads them straight into its own engine, if it has one."""
+
+    def send(self, named, version, local_engine=None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if local_engine is None:
+            for _ in named:
+                pass
+        else:
+            local_engine.load_weights(named)
+            local_engine.commit_weights(version)
+        return {"weights/send_s": time.perf_counter() - t0, "weights/bytes": 0.0}
+
+
 _KINDS = {"broadcast": BroadcastSync, "disk": DiskSync}
 
 
