@@ -96,6 +96,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = torch.float32,
     return model.eval()
 
 
+def _save(state: dict[str, torch.Tensor], file: Path, meta: dict[str, str]) -> None:
+    save_file(state, file, metadata=meta)
+    file.chmod(0o644)  # safetensors writes owner-only files; engines may run as another user
+
+
 def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int | None = None) -> Path:
     """Write config.json and model.safetensors (sharded with an index past max_shard_bytes)."""
@@ -112,7 +117,7 @@ def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None
     meta = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(state, path / "model.safetensors", metadata=meta)
+        _save(state, path / "model.safetensors", meta)
         (path / INDEX_NAME).unlink(missing_ok=True)
         return path
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -127,7 +132,7 @@ def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / fname, metadata=meta)
+        _save(shard, path / fname, meta)
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
