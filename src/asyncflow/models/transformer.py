@@ -98,6 +98,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _decode_attention(q_BH1D, k_BKSD, v_BKSD, mask_B11S):
+    """Attention of one query per row, as two batched matmuls over [B, K] with the H / K query
+    heads of a group as rows: several times faster on CPU than SDPA's kernels for one query over
+    a strided cache. mask: boolean (True = attend) or additive float, broadcast over heads."""
+    B, H, _, D = q_BH1D.shape
+    K = k_BKSD.shape[1]
+    q_BKGD = q_BH1D.reshape(B, K, H // K, D) * (D**-0.5)
+    scores_BKGS = torch.matmul(q_BKGD, k_BKSD.transpose(-1, -2)).float()
+    if mask_B11S.dtype == torch.bool:
+        scores_BKGS = scores_BKGS.masked_fill(~mask_B11S, float("-inf"))
+    else:
+        scores_BKGS = scores_BKGS + mask_B11S
+    probs_BKGS = torch.softmax(scores_BKGS, dim=-1).to(v_BKSD.dtype)
+    return torch.matmul(probs_BKGS, v_BKSD).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -122,10 +138,13 @@ class Attention(nn.Module):
         k_BKTD = k_BKTD * cos + _rotate_half(k_BKTD) * sin
         if kv_cache is not None:
             k_BKTD, v_BKTD = kv_cache.update(self.layer_idx, k_BKTD, v_BKTD)
-        out_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_BKTD, v_BKTD, attn_mask=mask_B1TS,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        if T == 1 and kv_cache is not None:
+            out_BHTD = _decode_attention(q_BHTD, k_BKTD, v_BKTD, mask_B1TS)
+        else:
+            out_BHTD = F.scaled_dot_product_attention(
+                q_BHTD, k_BKTD, v_BKTD, attn_mask=mask_B1TS,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 

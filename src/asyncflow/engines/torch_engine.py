@@ -1,0 +1,483 @@
+"""The built-in rollout engine: our own model, a slot KV cache and continuous batching.
+
+```
+ requests --check--> waiting (FIFO) --prefill into free slots--> running slots --decode T=1--+
+     |  invalid                                                     ^        | finished     |
+     +--> Completion(error)                                         +--------+--------------+
+                                                                             v
+                                                                stream() yields Completion
+```
+
+One thread runs `stream`/`generate`. Each loop iteration ("step") admits waiting requests into
+free slots (one batched prefill per chunk, once `min_admit` slots are free), then runs one decode
+forward over slots 0..hi-1 and samples one token per slot. A slot freed by a finished request is
+refilled at a following step; once nothing waits, the highest running slots move into the holes
+(`_compact`) so that decoding computes no idle rows.
+
+Weights: `load_weights` copies tensors into a staging copy of the parameters while decoding goes
+on (any thread); `commit_weights` swaps staging and live tensors (pointer swap, no copy) between
+steps: immediately when no step is running, else at the end of the running step, and returns once
+the new weights are live. With `kv_on_commit="recompute"` running sequences then rebuild their KV
+cache under the new weights (one prefill), so tokens after the commit are exactly what the new
+weights give for the same prefix; "keep" reuses the old keys/values (cheaper, approximate).
+`pause` stops new steps until `resume`; commits still apply while paused. Shutdown order:
+`shutdown()` aborts every request and lifts a pause; the running stream yields them as aborted
+and returns; later `generate`/`stream` calls raise.
+
+Shape legend: B decode rows (slots 0..hi-1), N sequences in one prefill, T prefill positions,
+S key positions, V vocabulary, L max sequence length of the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncflow.engines.base import (
+    Completion,
+    EngineHealth,
+    FinishReason,
+    GenerationRequest,
+    RolloutEngineConfig,
+)
+from asyncflow.engines.kv_cache import SlotKVCache
+from asyncflow.engines.sampling import SamplingBatch, sample
+from asyncflow.engines.staging import StagedWeights
+from asyncflow.log import get_logger
+from asyncflow.models.transformer import CausalLM
+
+logger = get_logger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TorchEngineConfig(RolloutEngineConfig):
+    """The built-in PyTorch engine (CPU or CUDA)."""
+
+    kind: str = "torch"
+    """Engine kind; "torch" for this one."""
+    max_batch_size: int = 64
+    """Slots: sequences decoded together; more requests wait for a free slot."""
+    max_seq_len: int = 2048
+    """KV cache length per slot (prompt + completion), capped by the model's context window.
+    Cache memory: 2 * layers * slots * kv_heads * max_seq_len * head_dim * dtype bytes."""
+    max_prefill_tokens: int = 8192
+    """Most (padded) tokens in one prefill forward; more new requests are prefilled in chunks."""
+    min_admit: int = 0
+    """Prefill waiting requests only once this many slots are free (or all of them fit, or
+    nothing is decoding): fewer, larger prefills. 0 means max_batch_size // 8."""
+    device: str = "cpu"
+    """Where the model and cache live: "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "float32"
+    """Model and cache dtype: float32, bfloat16 or float16. Log-probs are always fp32."""
+    kv_on_commit: str = "recompute"
+    """After a weight commit, rebuild running sequences' KV cache with the new weights
+    ("recompute", exact) or keep the old keys/values ("keep", no extra forward)."""
+    seed: int = 0
+    """Seeds the per-request seeds of requests that bring none."""
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.min_admit < 0:
+            raise ValueError(f"min_admit={self.min_admit} must be >= 0 (0: max_batch_size // 8)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {list(_DTYPES)}")
+        if self.kv_on_commit not in ("recompute", "keep"):
+            raise ValueError(f"kv_on_commit={self.kv_on_commit!r}; use 'recompute' or 'keep'")
+
+
+@dataclass
+class _Seq:
+    """A request that passed the checks, from submission to completion."""
+
+    req: GenerationRequest
+    prompt_ids: list[int]
+    seed: int
+    stop_ids: list[int]
+    slot: int = -1
+    version_start: int = -1
+    version_changes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _check_unique(requests: Sequence[GenerationRequest]) -> None:
+    ids = [r.request_id for r in requests]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"request ids {dup} appear more than once; ids must be unique")
+
+
+class TorchRolloutEngine:
+    """`RolloutEngine` over an asyncflow `CausalLM`. Takes ownership of the model."""
+
+    def __init__(self, model: CausalLM, cfg: TorchEngineConfig, policy_version: int = 0):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = model.to(device=self.device, dtype=_DTYPES[cfg.dtype]).eval().requires_grad_(False)
+        mc = model.config
+        self.vocab_size = mc.vocab_size
+        self.window = min(cfg.max_seq_len, mc.max_position_embeddings)
+        self.eos_ids = mc.eos_token_ids
+        n, dev = cfg.max_batch_size, self.device
+        self.cache = SlotKVCache(mc.num_hidden_layers, n, mc.num_key_value_heads, self.window,
+                                 mc.head_dim, _DTYPES[cfg.dtype], dev)
+        self.weights = StagedWeights(self.model)
+        # Per-slot state; a slot's sequence so far is seq[:pos + 1]; pos = keys in the cache.
+        self._pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self._n_gen = torch.zeros(n, dtype=torch.long, device=dev)
+        self._active = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._max_new = torch.ones(n, dtype=torch.long, device=dev)
+        self._seq = torch.zeros(n, self.window, dtype=torch.long, device=dev)
+        self._out_logp = torch.zeros(n, self.window, dtype=torch.float32, device=dev)
+        self._stop = torch.full((n, 1), -1, dtype=torch.long, device=dev)
+        self._temp = torch.ones(n, device=dev)
+        self._greedy = torch.ones(n, dtype=torch.bool, device=dev)
+        self._top_k = torch.full((n,), self.vocab_size, dtype=torch.long, device=dev)
+        self._top_p = torch.ones(n, device=dev)
+        self._seed = torch.zeros(n, dtype=torch.long, device=dev)
+        self._slots: list[_Seq | None] = [None] * n
+        self._hi = 0  # decode rows: slots 0..hi-1 (the highest running slot + 1)
+        self._sampling: SamplingBatch | None = None  # for rows 0..hi-1; None after slot changes
+        self._waiting: deque[_Seq] = deque()
+        self._rng = torch.Generator().manual_seed(cfg.seed)
+        # Cross-thread state, guarded by _lock.
+        self._lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._in_step = False
+        self._version = policy_version
+        self._pending: tuple[int, threading.Event] | None = None
+        self._kv_stale = False
+        self._aborted: set[str] = set()
+        self._healthy = True
+        self._stall_s = 0.0
+        logger.info("torch engine: %d slots x %d positions, KV cache %.1f MiB on %s (%s)",
+                    n, self.window, self.cache.num_bytes / 2**20, dev, cfg.dtype)
+
+    # ---- protocol: weights, control -------------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.weights.load(named_tensors)
+
+    def commit_weights(self, policy_version: int) -> None:
+        self.weights.check_complete()
+        with self._lock:
+            if not self._in_step:
+                self._swap(policy_version)
+                return
+            assert self._pending is None, "commit_weights is called from one thread at a time"
+            done = threading.Event()
+            self._pending = (policy_version, done)
+        done.wait()
+
+    def pause(self) -> None:
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._aborted.update(request_ids)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(healthy=self._healthy, policy_version=self._version,
+                            paused=not self._resumed.is_set(),
+                            num_running=sum(s is not None for s in self._slots),
+                            num_waiting=len(self._waiting), commit_stall_s=self._stall_s)
+
+    def shutdown(self) -> None:
+        self.abort([s.req.request_id for s in [*self._slots, *self._waiting] if s is not None])
+        self._resumed.set()
+        self._healthy = False
+
+    def _swap(self, version: int) -> None:
+        """Make staged weights live; caller holds _lock and no step is running."""
+        t0 = time.perf_counter()
+        self.weights.swap()
+        for s in self._slots:
+            if s is not None:
+                s.version_changes.append((int(self._n_gen[s.slot]), version))
+        self._kv_stale = self.cfg.kv_on_commit == "recompute" and self._hi > 0
+        logger.debug("policy version %d -> %d", self._version, version)
+        self._version = version
+        self._stall_s += time.perf_counter() - t0
+
+    # ---- protocol: generation -------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        order = {r.request_id: i for i, r in enumerate(requests)}
+        _check_unique(requests)
+        out: list[Completion | None] = [None] * len(requests)
+        for c in self.stream(requests):
+            out[order[c.request_id]] = c
+        return out  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[Completion]:
+        if not self._healthy:
+            raise ValueError("engine was shut down; build a new one")
+        _check_unique(requests)
+        with self._gen_lock:
+            for req in requests:
+                try:
+                    self._waiting.append(self._check(req))
+                except ValueError as e:
+                    yield self._error(req, str(e))
+            try:
+                while self._waiting or self._hi > 0:
+                    yield from self._step()
+            finally:  # the consumer stopped early or a step failed: drop what is left
+                self._waiting.clear()
+                for s in self._slots:
+                    if s is not None:
+                        self._finish(s, "abort")
+
+    def _check(self, req: GenerationRequest) -> _Seq:
+        sp = req.sampling
+        sp.check(self.vocab_size)
+        prompt = [int(t) for t in req.prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt; pass at least one token id (e.g. bos)")
+        if len(prompt) >= self.window:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context "
+                             f"window of {self.window}; shorten it or raise max_seq_len")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        stop = [] if sp.ignore_eos else list(
+            self.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids)
+        seed = sp.seed if sp.seed is not None else int(
+            torch.randint(0, 2**62, (), generator=self._rng))
+        return _Seq(req, prompt, seed, stop)
+
+    def _error(self, req: GenerationRequest, msg: str) -> Completion:
+        logger.warning("request %s refused: %s", req.request_id, msg)
+        return Completion(req.request_id, list(req.prompt_ids), [], [], "error", self._version,
+                          self._version, error=msg)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _step(self) -> list[Completion]:
+        """One iteration: aborts, admission (prefill), one decode forward."""
+        self._resumed.wait()
+        with self._lock:
+            self._in_step = True
+            aborted, self._aborted = self._aborted, set()
+        finished: list[Completion] = []
+        try:
+            with torch.inference_mode():
+                if aborted:
+                    finished += self._abort(aborted)
+                if self._kv_stale:
+                    self._recompute_kv()
+                finished += self._admit()
+                if self._hi > 0:
+                    finished += self._decode()
+                if not self._waiting:
+                    self._compact()
+        finally:
+            with self._lock:
+                self._in_step = False
+                if self._pending is not None:
+                    (version, done), self._pending = self._pending, None
+                    self._swap(version)
+                    done.set()
+        return finished
+
+    def _abort(self, ids: set[str]) -> list[Completion]:
+        out = []
+        for s in [s for s in self._waiting if s.req.request_id in ids]:
+            self._waiting.remove(s)
+            out.append(Completion(s.req.request_id, s.prompt_ids, [], [], "abort",
+                                  self._version, self._version))
+        for s in self._slots:
+            if s is not None and s.req.request_id in ids:
+                out.append(self._finish(s, "abort"))
+        return out
+
+    def _prefill(self, slots: list[int], seqs: list[list[int]]) -> torch.Tensor:
+        """Write the KV cache of `seqs` into `slots`; return last-position logits [N, V]."""
+        dev, N, T = self.device, len(seqs), max(len(s) for s in seqs)
+        ids_NT = torch.zeros(N, T, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids_NT[i, : len(s)] = torch.tensor(s)
+        ids_NT = ids_NT.to(dev)
+        lens_N = torch.tensor([len(s) for s in seqs], device=dev)
+        ar_T = torch.arange(T, device=dev)
+        mask_NTT = (ar_T[None, :, None] >= ar_T[None, None, :]) & (ar_T < lens_N[:, None])[:, None]
+        slots_N = torch.tensor(slots, device=dev)
+        hidden_NTE = self.model.hidden(ids_NT, ar_T.expand(N, T), kv_cache=self.cache.prefill(slots_N),
+                                       attn_mask_B1TS=mask_NTT[:, None])
+        last_NE = hidden_NTE[torch.arange(N, device=dev), lens_N - 1]
+        return self.model.lm_head(last_NE)
+
+    def _chunks(self, items: list, lens: list[int]) -> Iterator[list]:
+        """Split items into prefill chunks of at most max_prefill_tokens padded tokens."""
+        chunk: list = []
+        longest = 0
+        for item, n in zip(items, lens, strict=True):
+            if chunk and max(longest, n) * (len(chunk) + 1) > self.cfg.max_prefill_tokens:
+                yield chunk
+                chunk, longest = [], 0
+            chunk.append(item)
+            longest = max(longest, n)
+        if chunk:
+            yield chunk
+
+    def _recompute_kv(self) -> None:
+        t0 = time.perf_counter()
+        running = [s for s in self._slots if s is not None]
+        pos = self._pos.tolist()
+        for chunk in self._chunks(running, [pos[s.slot] for s in running]):
+            seqs = [self._seq[s.slot, : pos[s.slot]].tolist() for s in chunk]
+            self._prefill([s.slot for s in chunk], seqs)
+        self._kv_stale = False
+        self._stall_s += time.perf_counter() - t0
+
+    def _admit(self) -> list[Completion]:
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        min_admit = min(self.cfg.min_admit or max(1, self.cfg.max_batch_size // 8),
+                        len(self._waiting))
+        if self._hi > 0 and len(free) < min_admit:
+            return []
+        new: list[_Seq] = []
+        while free and self._waiting:
+            s = self._waiting.popleft()
+            s.slot, s.version_start = free.pop(0), self._version
+            new.append(s)
+        if not new:
+            return []
+        for s in new:
+            self._fill_slot(s)
+        self._hi = max(self._hi, max(s.slot for s in new) + 1)
+        self._sampling = None
+        finished = []
+        for chunk in self._chunks(new, [len(s.prompt_ids) for s in new]):
+            logits_NV = self._prefill([s.slot for s in chunk], [s.prompt_ids for s in chunk])
+            slots_N = torch.tensor([s.slot for s in chunk], device=self.device)
+            finished += self._sample_and_record(logits_NV, slots_N)
+        return finished
+
+    def _compact(self) -> None:
+        """Move the highest running slots into the holes below them, so that decoding (over
+        slots 0..hi-1) computes no idle rows once nothing waits to fill them."""
+        holes = [i for i in range(self._hi) if self._slots[i] is None]
+        moves: list[tuple[int, int]] = []
+        top = self._hi - 1
+        for dst in holes:
+            while top > dst and self._slots[top] is None:
+                top -= 1
+            if top <= dst:
+                break
+            moves.append((top, dst))
+            top -= 1
+        if not moves:
+            return
+        src_M = torch.tensor([m[0] for m in moves], device=self.device)
+        dst_M = torch.tensor([m[1] for m in moves], device=self.device)
+        P = int(self._pos[src_M].max()) + 1
+        for cache in (*self.cache.k, *self.cache.v):
+            cache[dst_M, :, :P] = cache[src_M, :, :P]
+        for t in (self._pos, self._n_gen, self._active, self._max_new, self._seq, self._out_logp,
+                  self._stop, self._temp, self._greedy, self._top_k, self._top_p, self._seed):
+            t[dst_M] = t[src_M]
+        for src, dst in moves:
+            seq = self._slots[src]
+            seq.slot, self._slots[dst], self._slots[src] = dst, seq, None
+            self._active[src], self._pos[src], self._n_gen[src] = False, 0, 0
+        while self._hi > 0 and self._slots[self._hi - 1] is None:
+            self._hi -= 1
+        self._sampling = None
+
+    def _fill_slot(self, s: _Seq) -> None:
+        i, sp, n = s.slot, s.req.sampling, len(s.prompt_ids)
+        self._slots[i] = s
+        self._pos[i], self._n_gen[i], self._active[i] = n, 0, True
+        self._seq[i, :n] = torch.tensor(s.prompt_ids)
+        self._max_new[i] = sp.max_new_tokens
+        if len(s.stop_ids) > self._stop.shape[1]:
+            grown = torch.full((self._stop.shape[0], len(s.stop_ids)), -1, dtype=torch.long,
+                               device=self.device)
+            grown[:, : self._stop.shape[1]] = self._stop
+            self._stop = grown
+        self._stop[i] = -1
+        self._stop[i, : len(s.stop_ids)] = torch.tensor(s.stop_ids, dtype=torch.long)
+        self._greedy[i] = sp.greedy
+        self._temp[i] = 1.0 if sp.greedy else sp.temperature
+        self._top_k[i] = sp.top_k if sp.top_k > 0 else self.vocab_size
+        self._top_p[i] = sp.top_p
+        self._seed[i] = s.seed
+
+    def _sampling_batch(self, rows) -> SamplingBatch:
+        greedy_B = self._greedy[rows]
+        truncated_B = ~greedy_B & ((self._top_k[rows] < self.vocab_size) | (self._top_p[rows] < 1))
+        return SamplingBatch(self._temp[rows], greedy_B, self._top_k[rows], self._top_p[rows],
+                             self._seed[rows], bool((~greedy_B).any()), bool(truncated_B.any()),
+                             truncated_B)
+
+    def _sample_and_record(self, logits_BV: torch.Tensor, rows) -> list[Completion]:
+        """Sample one token for `rows` (slot indices or a slice), store it, finish the done."""
+        if isinstance(rows, slice):
+            if self._sampling is None:
+                self._sampling = self._sampling_batch(rows)
+            params = self._sampling
+        else:
+            params = self._sampling_batch(rows)
+        n_gen_B = self._n_gen[rows]
+        tok_B, logp_B = sample(logits_BV, params, n_gen_B)
+        slots_B = self.cache.rows_all[rows]
+        pos_B = self._pos[rows]
+        self._seq[slots_B, pos_B] = tok_B
+        self._out_logp[slots_B, n_gen_B] = logp_B
+        n_gen_B = n_gen_B + self._active[rows]
+        self._n_gen[rows] = n_gen_B
+        stop_B = (tok_B[:, None] == self._stop[rows]).any(-1)
+        done_B = self._active[rows] & (stop_B | (n_gen_B >= self._max_new[rows])
+                                       | (pos_B + 1 >= self.window))
+        if not bool(done_B.any()):
+            return []
+        done_idx = done_B.nonzero().squeeze(1)
+        stopped = stop_B[done_idx].tolist()
+        return [self._finish(self._slots[int(slot)], "stop" if st else "length")
+                for slot, st in zip(slots_B[done_idx].tolist(), stopped, strict=True)]
+
+    def _decode(self) -> list[Completion]:
+        hi = self._hi
+        pos_B = self._pos[:hi]
+        last_B1 = self._seq[:hi].gather(1, pos_B[:, None])
+        S = int(pos_B.max()) + 1
+        # Additive fp32 mask, built once per step for all layers (0 = attend, -inf = hidden).
+        mask_B11S = torch.where(torch.arange(S, device=self.device) <= pos_B[:, None], 0.0,
+                                float("-inf"))[:, None, None]
+        logits_B1V = self.model(last_B1, position_ids=pos_B[:, None],
+                                kv_cache=self.cache.decode(hi, pos_B, S), attn_mask_B1TS=mask_B11S)
+        self._pos[:hi] += self._active[:hi]
+        return self._sample_and_record(logits_B1V[:, 0], slice(0, hi))
+
+    def _finish(self, s: _Seq, reason: FinishReason) -> Completion:
+        i = s.slot
+        n = int(self._n_gen[i])
+        start = len(s.prompt_ids)
+        tokens = self._seq[i, start: start + n].tolist()
+        logps = self._out_logp[i, :n].tolist()
+        changes = [(k, v) for k, v in s.version_changes if k < n]
+        version_end = changes[-1][1] if changes else s.version_start
+        self._slots[i] = None
+        self._active[i], self._pos[i], self._n_gen[i] = False, 0, 0
+        while self._hi > 0 and self._slots[self._hi - 1] is None:
+            self._hi -= 1
+        self._sampling = None
+        return Completion(s.req.request_id, s.prompt_ids, tokens, logps, reason, s.version_start,
+                          version_end, changes)

@@ -1,0 +1,447 @@
+"""The torch rollout engine against transformers and full forwards (CPU, fp32, random tiny models)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from asyncflow.engines import (
+    GenerationRequest,
+    SamplingParams,
+    TorchEngineConfig,
+    TorchRolloutEngine,
+    build_rollout_engine,
+)
+from asyncflow.models import ModelConfig, build_model, load_pretrained, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, EOS = 24, 2
+TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=VOCAB, hidden_size=64,
+            intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
+            eos_token_id=EOS)
+LLAMA = dict(TINY, architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
+             num_key_value_heads=1, rope_theta=500.0)
+
+
+def _save(tmp_path_factory, name, hf, seed):
+    model = build_model(ModelConfig.from_hf_dict(hf))
+    model.init_weights(seed=seed, std=0.3)  # large enough that outputs depend on the prompt
+    return save_pretrained(model, tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _save(tmp_path_factory, "qwen2", TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_b(tmp_path_factory):
+    """Same shape as `tiny`, other weights: the policy after an update."""
+    return _save(tmp_path_factory, "qwen2b", TINY, 1)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _save(tmp_path_factory, "llama", LLAMA, 2)
+
+
+def _prompts(n, seed=0, lo=1, hi=12):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+def _engine(path, **kw):
+    kw.setdefault("max_seq_len", 64)
+    return build_rollout_engine(TorchEngineConfig(**kw), path)
+
+
+def _reqs(prompts, **sp):
+    return [GenerationRequest(f"r{i}", p, SamplingParams(**sp)) for i, p in enumerate(prompts)]
+
+
+def _full_logprobs(model, prompt, tokens, temperature):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1: -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("ckpt", ["tiny", "llama"])
+def test_greedy_matches_transformers_generate_with_continuous_batching(request, ckpt):
+    path = request.getfixturevalue(ckpt)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    prompts = _prompts(12, seed=3)
+    # 4 slots for 12 requests of mixed lengths: finished rows are refilled mid-batch.
+    outs = _engine(path, max_batch_size=4).generate(_reqs(prompts, max_new_tokens=24,
+                                                          temperature=0))
+    reasons = set()
+    for p, c in zip(prompts, outs, strict=True):
+        ids = torch.tensor([p])
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                            do_sample=False, eos_token_id=EOS, pad_token_id=0)[0, len(p):]
+        assert c.token_ids == want.tolist(), (p, c.finish_reason)
+        reasons.add(c.finish_reason)
+    assert reasons == {"stop", "length"}  # both ends exercised
+
+
+def test_batch_of_mixed_lengths_equals_each_alone(tiny):
+    prompts = _prompts(10, seed=4, hi=30)
+    batched = _engine(tiny, max_batch_size=3).generate(_reqs(prompts, max_new_tokens=20,
+                                                             temperature=0))
+    engine = _engine(tiny, max_batch_size=1)
+    for p, c in zip(prompts, batched, strict=True):
+        alone = engine.generate(_reqs([p], max_new_tokens=20, temperature=0))[0]
+        assert c.token_ids == alone.token_ids
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_finished_low_slots_are_compacted_without_changing_outputs(tiny):
+    prompts = _prompts(4, seed=17)
+    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n, temperature=0.8,
+                                                         seed=i, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, [3, 30, 5, 30], strict=True))]
+    engine = _engine(tiny, max_batch_size=4)
+    stream = engine.stream(reqs)
+    got = {c.request_id: c for c in [next(stream), next(stream)]}
+    assert set(got) == {"r0", "r2"} and engine._hi == 2  # r1, r3 moved into slots 0 and 1
+    got.update((c.request_id, c) for c in stream)
+    alone = _engine(tiny, max_batch_size=1)
+    for r in reqs:
+        want = alone.generate([r])[0]
+        assert got[r.request_id].token_ids == want.token_ids
+        assert got[r.request_id].logprobs == pytest.approx(want.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_full_forward_before_truncation(tiny, temperature):
+    prompts = _prompts(8, seed=5)
+    reqs = _reqs(prompts, max_new_tokens=20, temperature=temperature, ignore_eos=True)
+    reqs[1].sampling.top_k, reqs[2].sampling.top_p = 3, 0.5  # truncation must not change them
+    outs = _engine(tiny, max_batch_size=4).generate(reqs)
+    model = load_pretrained(tiny)
+    worst = 0.0
+    for p, c in zip(prompts, outs, strict=True):
+        assert len(c.token_ids) == len(c.logprobs) == 20
+        got = torch.tensor(c.logprobs)
+        worst = max(worst, (got - _full_logprobs(model, p, c.token_ids, temperature)).abs().max())
+    assert worst <= 1e-4
+
+
+def test_greedy_logprobs_use_temperature_one(tiny):
+    p = _prompts(1, seed=6)[0]
+    c = _engine(tiny).generate(_reqs([p], max_new_tokens=10, temperature=0, ignore_eos=True))[0]
+    want = _full_logprobs(load_pretrained(tiny), p, c.token_ids, 1.0)
+    assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+    prompts = _prompts(6, seed=7)
+    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=16, temperature=1.0,
+                                                         seed=100 + i, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    a = _engine(tiny, max_batch_size=6).generate(reqs)
+    b = _engine(tiny, max_batch_size=2).generate(reqs[::-1])[::-1]  # other order, other slots
+    c = _engine(tiny, max_batch_size=1).generate(reqs[3:4])
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert a[3].token_ids == c[0].token_ids
+    reseeded = [GenerationRequest(r.request_id, r.prompt_ids,
+                                  SamplingParams(max_new_tokens=16, temperature=1.0, seed=7,
+                                                 ignore_eos=True)) for r in reqs]
+    d = _engine(tiny, max_batch_size=6).generate(reseeded)
+    assert [x.token_ids for x in d] != [x.token_ids for x in a]
+
+
+def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny):
+    prompts = _prompts(6, seed=8)
+    engine = _engine(tiny, max_batch_size=6)
+    greedy = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True))
+    for sp in (dict(top_k=1), dict(top_p=1e-6)):
+        outs = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=1.5, seed=3,
+                                     ignore_eos=True, **sp))
+        assert [c.token_ids for c in outs] == [c.token_ids for c in greedy], sp
+    model = load_pretrained(tiny)
+    outs = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=2.0, top_k=3, seed=4,
+                                 ignore_eos=True))
+    for p, c in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c.token_ids]))[0, len(p) - 1: -1]
+        rank = (logits > logits.gather(-1, torch.tensor(c.token_ids)[:, None])).sum(-1)
+        assert int(rank.max()) < 3
+
+
+def test_stop_tokens_max_new_tokens_and_context_window(tiny):
+    engine = _engine(tiny, max_seq_len=20)
+    p = _prompts(1, seed=9)[0]
+    free = engine.generate(_reqs([p], max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    stopped = engine.generate(_reqs([p], max_new_tokens=8, temperature=0,
+                                    stop_token_ids=(stop_at,)))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    long = engine.generate(_reqs([[5] * 15], max_new_tokens=50, temperature=0,
+                                 ignore_eos=True))[0]
+    assert long.finish_reason == "length" and len(long.token_ids) == 20 - 15
+
+
+def test_bad_requests_fail_alone_and_the_batch_completes(tiny):
+    good = _prompts(3, seed=10)
+    reqs = [
+        GenerationRequest("too-long", [5] * 64),
+        GenerationRequest("empty", []),
+        GenerationRequest("no-new-tokens", [5], SamplingParams(max_new_tokens=0)),
+        GenerationRequest("neg-temp", [5], SamplingParams(temperature=-0.5)),
+        GenerationRequest("oov", [5, VOCAB, -1]),
+        GenerationRequest("bad-top-p", [5], SamplingParams(top_p=0.0)),
+    ] + _reqs(good, max_new_tokens=5, temperature=0, ignore_eos=True)
+    outs = {c.request_id: c for c in _engine(tiny, max_batch_size=2).generate(reqs)}
+    expected = {"too-long": "context window", "empty": "empty prompt",
+                "no-new-tokens": "max_new_tokens=0", "neg-temp": "temperature=-0.5",
+                "oov": "outside the vocabulary", "bad-top-p": "top_p=0.0"}
+    for rid, phrase in expected.items():
+        assert outs[rid].finish_reason == "error" and phrase in outs[rid].error, outs[rid]
+        assert outs[rid].token_ids == []
+    for i in range(3):
+        assert outs[f"r{i}"].finish_reason == "length" and len(outs[f"r{i}"].token_ids) == 5
+
+
+def test_duplicate_request_ids_are_refused(tiny):
+    with pytest.raises(ValueError, match="more than once"):
+        _engine(tiny).generate([GenerationRequest("a", [3]), GenerationRequest("a", [4])])
+
+
+def _state(path):
+    return list(load_pretrained(path).state_dict().items())
+
+
+def _greedy_under(path, prefix, n):
+    model = load_pretrained(path)
+    ids = list(prefix)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prefix):]
+
+
+def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_b):
+    engine = _engine(tiny, max_batch_size=4)
+    prompts = _prompts(3, seed=11)
+    reqs = [GenerationRequest("short", prompts[0], SamplingParams(max_new_tokens=3, temperature=0,
+                                                                  ignore_eos=True))]
+    reqs += [GenerationRequest(f"long{i}", p, SamplingParams(max_new_tokens=16, temperature=0,
+                                                             ignore_eos=True))
+             for i, p in enumerate(prompts[1:])]
+    stream = engine.stream(reqs)
+    first = next(stream)
+    assert first.request_id == "short" and first.policy_version_end == 0
+    engine.load_weights(_state(tiny_b)[:5])  # buckets
+    engine.load_weights(_state(tiny_b)[5:])
+    engine.commit_weights(1)
+    assert engine.policy_version == 1
+    for c in stream:
+        (k, v), = c.version_changes
+        assert (c.policy_version_start, c.policy_version_end, v) == (0, 1, 1)
+        assert k == 3 and c.policy_version_at(k - 1) == 0 and c.policy_version_at(k) == 1
+        assert c.token_ids[:k] == _greedy_under(tiny, c.prompt_ids, k)
+        assert c.token_ids[k:] == _greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 16 - k)
+        want = _full_logprobs(load_pretrained(tiny_b), c.prompt_ids + c.token_ids[:k],
+                              c.token_ids[k:], 1.0)
+        assert torch.allclose(torch.tensor(c.logprobs[k:]), want, atol=1e-4)
+
+
+def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b):
+    prompts = _prompts(3, seed=16)
+    outs = {}
+    for mode in ("recompute", "keep"):
+        engine = _engine(tiny, max_batch_size=4, kv_on_commit=mode)
+        stream = engine.stream(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+                               + [GenerationRequest("short", prompts[0],
+                                                    SamplingParams(max_new_tokens=2,
+                                                                   temperature=0))])
+        assert next(stream).request_id == "short"
+        engine.load_weights(_state(tiny_b))
+        engine.commit_weights(1)
+        outs[mode] = list(stream)
+        assert all(c.version_changes == [(2, 1)] for c in outs[mode])
+    # Same tokens before the commit; after it, keep mode attends to old-weight keys/values.
+    assert [c.token_ids[:2] for c in outs["keep"]] == [c.token_ids[:2] for c in outs["recompute"]]
+    assert [c.logprobs[2:] for c in outs["keep"]] != [c.logprobs[2:] for c in outs["recompute"]]
+
+
+def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b):
+    engine = _engine(tiny, max_batch_size=4)
+    prompts = _prompts(4, seed=12)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engine.generate(
+        _reqs(prompts, max_new_tokens=40, temperature=0, ignore_eos=True, ))))
+    worker.start()
+    while engine.health().num_running == 0:
+        time.sleep(0.001)
+    engine.load_weights(_state(tiny_b))
+    engine.commit_weights(7)  # returns once the new weights are live
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert 0 < engine.health().commit_stall_s < 5
+    for c in result["out"]:
+        assert c.finish_reason == "length"  # nothing aborted by the update
+        assert (c.policy_version_start, c.policy_version_end) == (0, 7)
+        (k, _), = c.version_changes
+        assert 0 < k < 40
+        assert c.token_ids[k:] == _greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 40 - k)
+
+
+def test_incomplete_or_mismatched_weights_are_refused(tiny, llama):
+    engine = _engine(tiny)
+    state = _state(tiny)
+    with pytest.raises(ValueError, match="not a parameter"):
+        engine.load_weights([("model.nope.weight", state[0][1])])
+    with pytest.raises(ValueError, match="has shape"):
+        engine.load_weights([(state[0][0], torch.zeros(3, 3))])
+    engine.load_weights(state[:2])
+    with pytest.raises(ValueError, match="missing"):
+        engine.commit_weights(1)
+    assert engine.policy_version == 0
+
+
+def test_pause_holds_decoding_and_resume_finishes(tiny):
+    engine = _engine(tiny)
+    engine.pause()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engine.generate(
+        _reqs(_prompts(2), max_new_tokens=5, temperature=0))))
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive() and engine.health().paused and "out" not in result
+    engine.resume()
+    worker.join(timeout=30)
+    assert [len(c.token_ids) > 0 for c in result["out"]] == [True, True]
+
+
+def test_abort_finishes_running_and_waiting_requests(tiny):
+    engine = _engine(tiny, max_batch_size=2)
+    reqs = _reqs(_prompts(4, seed=13), max_new_tokens=30, temperature=0, ignore_eos=True)
+    reqs[0].sampling.max_new_tokens = 2
+    stream = engine.stream(reqs)
+    assert next(stream).request_id == "r0"
+    engine.abort(["r1", "r3"])  # r1 is running, r3 is waiting
+    rest = {c.request_id: c for c in stream}
+    assert rest["r1"].finish_reason == "abort" and 0 < len(rest["r1"].token_ids) < 30
+    assert rest["r3"].finish_reason == "abort" and rest["r3"].token_ids == []
+    assert rest["r2"].finish_reason == "length" and len(rest["r2"].token_ids) == 30
+
+
+def test_a_stream_closed_early_frees_its_slots(tiny):
+    engine = _engine(tiny, max_batch_size=2)
+    stream = engine.stream(_reqs(_prompts(5, seed=15), max_new_tokens=30, temperature=0,
+                                 ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert (engine.health().num_running, engine.health().num_waiting) == (0, 0)
+    again = engine.generate(_reqs(_prompts(1, seed=15), max_new_tokens=30, temperature=0,
+                                  ignore_eos=True))
+    assert len(again[0].token_ids) == 30
+
+
+def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny):
+    engine = _engine(tiny, max_batch_size=2)
+    stream = engine.stream(_reqs(_prompts(3, seed=18), max_new_tokens=30, temperature=0,
+                                 ignore_eos=True))
+    engine.pause()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=list(stream)))
+    worker.start()
+    time.sleep(0.2)
+    engine.shutdown()
+    worker.join(timeout=30)
+    assert [c.finish_reason for c in result["out"]] == ["abort"] * 3
+    assert not engine.health().healthy
+    with pytest.raises(ValueError, match="shut down"):
+        engine.generate(_reqs([[3]]))
+
+
+def test_factory_dispatches_on_kind(tiny):
+    assert isinstance(build_rollout_engine(TorchEngineConfig(), tiny), TorchRolloutEngine)
+    cfg = TorchEngineConfig()
+    cfg.kind = "vllm"
+    with pytest.raises(ValueError, match=r"valid kinds: \['torch'\]"):
+        build_rollout_engine(cfg, tiny)
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        TorchEngineConfig(dtype="fp8")
+
+
+def test_engine_config_composes_as_a_structured_config():
+    omegaconf = pytest.importorskip("omegaconf")
+    merged = omegaconf.OmegaConf.merge(omegaconf.OmegaConf.structured(TorchEngineConfig),
+                                       {"max_batch_size": 8, "kv_on_commit": "keep"})
+    cfg = omegaconf.OmegaConf.to_object(merged)
+    assert isinstance(cfg, TorchEngineConfig) and (cfg.max_batch_size, cfg.kv_on_commit) == (8, "keep")
+    with pytest.raises(ValueError, match="kv_on_commit='later'"):
+        TorchEngineConfig(kv_on_commit="later")
+
+
+def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny):
+    prompts = _prompts(4, seed=14)
+    reqs = _reqs(prompts, max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
+    engine = _engine(tiny, dtype="bfloat16")
+    assert engine.cache.k[0].dtype == torch.bfloat16
+    outs = engine.generate(reqs)
+    model = load_pretrained(tiny, dtype=torch.bfloat16)
+    worst = 0.0
+    for p, c in zip(prompts, outs, strict=True):
+        assert len(c.token_ids) == 6
+        got = torch.tensor(c.logprobs)
+        worst = max(worst, (got - _full_logprobs(model, p, c.token_ids, 1.0)).abs().max())
+    assert worst < 0.15, worst  # bf16 logits of magnitude ~20 round by ~0.1
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_generate():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-135m-instruct"
+    if not (path / "config.json").is_file():
+        from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+
+        convert_gguf_to_hf(find_smollm2_gguf(), path)
+    from asyncflow.models import Tokenizer
+
+    tok = Tokenizer.from_pretrained(path)
+    prompts = tok.encode_batch(["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
+                                "Once upon a time, in a small village"])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    outs = _engine(path, max_batch_size=2, max_seq_len=128).generate(
+        _reqs(prompts, max_new_tokens=32, temperature=0))
+    for p, c in zip(prompts, outs, strict=True):
+        ids = torch.tensor([p])
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                            do_sample=False)[0, len(p):]
+        assert c.token_ids == want.tolist()
+
+
+@pytest.mark.slow
+def test_tiny_default_model_greedy_matches_transformers_generate():
+    from asyncflow.models import Tokenizer
+    from asyncflow.tasks import AdditionTask, encode_prompt
+    from asyncflow.tasks.arithmetic import AdditionConfig
+    from asyncflow.tasks.tiny import prepare_tiny_model
+
+    path = prepare_tiny_model()  # trains (about a minute) on a cache miss
+    tok = Tokenizer.from_pretrained(path)
+    problems = AdditionTask(AdditionConfig()).heldout_problems()[:64]
+    prompts = [encode_prompt(tok, p.prompt) for p in problems]
+    outs = _engine(path, max_batch_size=16).generate(_reqs(prompts, max_new_tokens=5,
+                                                           temperature=0))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor(prompts)  # fixed-width prompts: no padding
+    want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                        do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    for row, c in zip(want[:, ids.shape[1]:].tolist(), outs, strict=True):
+        if tok.eos_id in row:  # transformers pads a finished row; ours stops at the EOS
+            row = row[: row.index(tok.eos_id) + 1]
+        assert c.token_ids == row
+    assert {c.finish_reason for c in outs} <= {"stop", "length"}
