@@ -19,12 +19,18 @@ def _entry(rank, world_size, port, timeout_s, fn, args, errors):
     import torch
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
         fn(rank, world_size, *args)
         dist.destroy_process_group()
     except BaseException:
@@ -39,8 +45,10 @@ def run_ranks(world_size: int, fn, *args, timeout_s: float = 30.0) -> None:
     ctx = mp.get_context("fork")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, timeout_s, fn, args, errors))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, timeout_s, fn, args, errors))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:

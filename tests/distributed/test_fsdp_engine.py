@@ -18,28 +18,45 @@ NUM_ROWS = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    cfg = ModelConfig.from_hf_dict(dict(
-        architectures=["Qwen2ForCausalLM"], vocab_size=24, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True, max_position_embeddings=64))
+    cfg = ModelConfig.from_hf_dict(
+        dict(
+            architectures=["Qwen2ForCausalLM"],
+            vocab_size=24,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+        )
+    )
     model = build_model(cfg)
     model.init_weights(seed=3)
     save_pretrained(model, tmp / "model")
     g = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(NUM_ROWS):
-        P, R = torch.randint(2, 7, (1,), generator=g).item(), torch.randint(1, 8, (1,), generator=g).item()
-        rows.append(dict(prompt=torch.randint(0, 24, (P,), generator=g),
-                         response=torch.randint(0, 24, (R,), generator=g),
-                         advantage=torch.randn((), generator=g),
-                         noise=0.1 * torch.randn(R, generator=g)))
+        P, R = (
+            torch.randint(2, 7, (1,), generator=g).item(),
+            torch.randint(1, 8, (1,), generator=g).item(),
+        )
+        rows.append(
+            dict(
+                prompt=torch.randint(0, 24, (P,), generator=g),
+                response=torch.randint(0, 24, (R,), generator=g),
+                advantage=torch.randn((), generator=g),
+                noise=0.1 * torch.randn(R, generator=g),
+            )
+        )
     return tmp, rows
 
 
 def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
-    eng = FSDPTrainEngine(str(tmp / "model"), mesh,
-                          OptimConfig(lr=1.0, warmup_steps=0, max_grad_norm=1e9))
+    eng = FSDPTrainEngine(
+        str(tmp / "model"), mesh, OptimConfig(lr=1.0, warmup_steps=0, max_grad_norm=1e9)
+    )
     # SGD with lr 1: the weight change IS the normalised gradient, so comparing weights after the
     # real step() path compares gradients (AdamW's first step ~ lr*sign(g) would amplify noise).
     eng.optimizer = torch.optim.SGD(eng.model.parameters(), lr=1.0)
@@ -47,7 +64,7 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
     mine = rows[rank::world]  # this rank's shard of the step's rows
     normaliser, loss_sum = 0.0, 0.0
     for i in range(0, len(mine), micro_batch):
-        mb = mine[i:i + micro_batch]
+        mb = mine[i : i + micro_batch]
         batch = pack([r["prompt"] for r in mb], [r["response"] for r in mb])
         # behaviour log-probs: the current policy's, perturbed (as if from a slightly other engine)
         lp_now = batch.gather_response(eng.logprobs(batch))
@@ -55,7 +72,8 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
         weights_BT = sequence_weights(batch.response_mask_BT, aggregation)
         adv_B = torch.stack([r["advantage"] for r in mb])
         stats = eng.forward_backward(
-            batch, lambda lp, b=behaviour_BT, a=adv_B, w=weights_BT: policy_loss(lp, b, a, w))
+            batch, lambda lp, b=behaviour_BT, a=adv_B, w=weights_BT: policy_loss(lp, b, a, w)
+        )
         loss_sum += stats["loss/sum"]
         normaliser += batch.num_response_tokens if aggregation == "token-mean" else len(mb)
     metrics = eng.step(normaliser)
@@ -63,9 +81,15 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
     total_loss = torch.tensor([loss_sum])
     dist.all_reduce(total_loss)
     if rank == 0:
-        torch.save({"params": full, "loss": total_loss.item() / metrics["optim/normaliser"],
-                    "grad_norm": metrics["optim/grad_norm"], "version": eng.policy_version},
-                   tmp / out_name)
+        torch.save(
+            {
+                "params": full,
+                "loss": total_loss.item() / metrics["optim/normaliser"],
+                "grad_norm": metrics["optim/grad_norm"],
+                "version": eng.policy_version,
+            },
+            tmp / out_name,
+        )
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])

@@ -9,9 +9,16 @@ from asyncflow.weights import WeightSyncConfig, build_weight_sync, iter_state, w
 
 from ._workers import run_ranks
 
-CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=24, hidden_size=32,
-           intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, tie_word_embeddings=True)
+CFG = dict(
+    architectures=["Qwen2ForCausalLM"],
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 
 
 class RecordingEngine:
@@ -32,8 +39,9 @@ def _sync(rank, world, kind, tmp, hidden_on_receiver):
     if rank == 1 and hidden_on_receiver != CFG["hidden_size"]:
         model = build_model(ModelConfig.from_hf_dict({**CFG, "hidden_size": hidden_on_receiver}))
     cfg = WeightSyncConfig(kind=kind, bucket_mb=0.01)  # several buckets
-    sync = build_weight_sync(cfg, weight_specs(model), dist.group.WORLD, 0,
-                             torch.device("cpu"), run_dir=tmp)
+    sync = build_weight_sync(
+        cfg, weight_specs(model), dist.group.WORLD, 0, torch.device("cpu"), run_dir=tmp
+    )
     if rank == 0:
         for version in (1, 2):
             with torch.no_grad():

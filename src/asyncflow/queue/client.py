@@ -1,0 +1,513 @@
+"""What every stage uses: `put` columns of rows, `get` a micro-batch for a stage, `ack` it.
+
+```
+  stage A (rank 0)                       controller (host rank)              stage B (rank 1)
+  put(cols) --reserve--------------------> capacity wait, row ids
+            write to own storage unit
+            --commit(cols, slots)--------> ready sets += rows, wake B ----+
+                                                                          v
+                                           <----get(B, stage, sampler)--- parked on stage cond
+                                           lease + (owner, slot) per row ->
+  storage <----------- fetch: local | /dev/shm map | gloo send/recv, one per owner ----- B
+                                           <----ack(lease)--------------- rows consumed by B;
+  storage frees slots <-- freed list on the next reply --- rows freed when every stage consumed
+```
+
+Shutdown order: stop the stage loops (no `get`/`put` in flight), `client.close()` on every rank
+(collective when the transport is `dist`), then `server.close()` on the host rank. A client that
+disappears without closing has its leases returned when its control connection drops.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from asyncflow.log import get_logger
+from asyncflow.queue.controller import Controller, Grant
+from asyncflow.queue.samplers import FifoSampler, Sampler
+from asyncflow.queue.schema import QueueConfig, Ragged, Schema
+from asyncflow.queue.server import ControllerServer, dispatch, recv_frame, send_frame
+from asyncflow.queue.storage import (
+    ColumnValue,
+    MemoryStorage,
+    SharedMemoryStorage,
+    Storage,
+    assemble,
+    split_rows,
+)
+from asyncflow.queue.transport import (
+    DistTransport,
+    LocalTransport,
+    Pending,
+    ShmTransport,
+    Transport,
+)
+
+logger = get_logger(__name__)
+
+
+class ControlPlane(Protocol):
+    """How a client reaches the controller. `call` returns (result, freed (slot, row) pairs)."""
+
+    session: str
+
+    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalControl:
+    """Controller in this process; requests go through the same checked dispatch as the socket."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, controller: Controller, rank: int):
+        self.controller, self.rank = controller, rank
+        self.consumer = f"r{rank}l{next(LocalControl._ids)}"
+        self.session = controller.session
+
+    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
+        result = dispatch(self.controller, self.consumer, self.rank, op, args)
+        return result, self.controller.take_freed(self.rank)
+
+    def close(self) -> None:
+        self.controller.expire_consumer(self.consumer)
+
+
+class RemoteControl:
+    """Controller behind `ControllerServer`. One TCP connection per concurrent caller (a pool), so
+    a stage thread parked in `get` never blocks another thread's `put` on the same rank."""
+
+    def __init__(self, address: tuple[str, int], rank: int, timeout_s: float):
+        self.address, self.rank, self.timeout_s = address, rank, timeout_s
+        self._idle: list[socket.socket] = []
+        self._all: list[socket.socket] = []
+        self._lock = threading.Lock()
+        sock = self._open()
+        self._idle.append(sock)
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=self.timeout_s)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        send_frame(sock, {"op": "hello", "rank": self.rank})
+        reply = recv_frame(sock)
+        if reply is None:
+            raise ConnectionError(
+                f"queue controller at {self.address} closed the connection during hello"
+            )
+        self.session = reply["result"]["session"]
+        with self._lock:
+            self._all.append(sock)
+        return sock
+
+    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+        if sock is None:
+            sock = self._open()
+        send_frame(sock, {"op": op, "args": args})
+        reply = recv_frame(sock)
+        if reply is None:
+            raise ConnectionError("queue controller closed the connection")
+        with self._lock:
+            self._idle.append(sock)
+        if not reply["ok"]:
+            exc = {"ValueError": ValueError, "TimeoutError": TimeoutError}.get(
+                reply["error"], TypeError
+            )
+            raise exc(reply["message"])
+        return reply["result"], [(int(s), int(r)) for s, r in reply["freed"]]
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._all:
+                sock.close()
+            self._all.clear()
+            self._idle.clear()
+
+
+@dataclass
+class Batch:
+    """A leased micro-batch: rows, their columns (dense `[B, ...]` or `Ragged`) and metadata."""
+
+    row_ids: list[int]
+    columns: dict[str, ColumnValue]
+    lease_id: int = -1
+    steps: list[int] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    exhausted: bool = False
+    """Empty because a step sampler's step has nothing left for this stage (not a timeout)."""
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+
+class QueueClient:
+    """One rank's handle on the queue: its storage unit, its transports and its control link."""
+
+    def __init__(
+        self,
+        cfg: QueueConfig,
+        rank: int,
+        control: ControlPlane,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.cfg, self.rank, self.control = cfg, rank, control
+        self.schema = Schema(cfg.columns)
+        self._lock = threading.Lock()
+        self._slots_freed = threading.Condition(self._lock)
+        if cfg.transport == "shm":
+            self.storage: Storage = SharedMemoryStorage(
+                self.schema, control.session, rank, cfg.capacity_rows
+            )
+            self._remote: Transport | None = ShmTransport(
+                self.schema, control.session, cfg.capacity_rows
+            )
+        else:
+            self.storage = MemoryStorage(self.schema)
+            self._remote = None
+            if cfg.transport == "dist":
+                if group is None:
+                    raise ValueError(
+                        "transport='dist' needs `group`: a process group for the data plane"
+                    )
+                self._remote = DistTransport(self.schema, self.storage, group)
+        self._local = LocalTransport(self.storage)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        result, freed = self.control.call(op, args)
+        if freed:
+            with self._lock:
+                self.storage.free(freed)
+                self._slots_freed.notify_all()
+        return result
+
+    def _write(self, rows: list[int], data: dict[str, Any], timeout_s: float) -> list[int]:
+        """Write to the storage unit. Slots equal capacity, so a full storage only means that
+        some freed rows are not applied yet: held by the controller (fetched here) or riding on
+        another thread's reply (waited for, woken when that thread applies them)."""
+        with self._lock:
+            try:
+                return self.storage.write(rows, data)
+            except MemoryError:
+                pass
+        self._call("take_freed")
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                try:
+                    return self.storage.write(rows, data)
+                except MemoryError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    self._slots_freed.wait(left)
+
+    # ------------------------------------------------------------------ put
+
+    def put(
+        self,
+        columns: dict[str, torch.Tensor | Ragged | list[torch.Tensor]],
+        rows: list[int] | None = None,
+        step: int = 0,
+        group_ids: list[int] | None = None,
+        policy_versions: list[int] | None = None,
+        num_tokens: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
+        """Store columns of new rows (`rows=None`: blocks while the queue is full) or new columns
+        of existing rows; visible to stages only once all bytes are stored. Returns the row ids.
+        The queue takes ownership of the tensors: do not modify them afterwards."""
+        if not columns:
+            raise ValueError("put needs at least one column")
+        data: dict[str, Any] = {}
+        num_rows = None
+        for name, value in columns.items():
+            spec = self.schema.spec(name)
+            if isinstance(value, torch.Tensor) and not spec.ragged:
+                if list(value.shape[1:]) != spec.shape or value.dim() != len(spec.shape) + 1:
+                    raise ValueError(
+                        f"column {name!r}: batch shape {list(value.shape)} contradicts schema [B, *{spec.shape}]"
+                    )
+                spec.check(value[0] if value.shape[0] else value.new_empty(spec.shape))
+                data[name] = value
+            else:
+                row_list = split_rows(spec, value)
+                data[name] = row_list if spec.ragged else assemble(spec, row_list)
+            n = len(data[name])
+            if num_rows is not None and n != num_rows:
+                raise ValueError(f"column {name!r} has {n} rows, other columns have {num_rows}")
+            num_rows = n
+        if rows is not None and len(rows) != num_rows:
+            raise ValueError(f"len(rows)={len(rows)} but the columns have {num_rows} rows")
+        if num_rows == 0:
+            raise ValueError("put of zero rows")
+        if rows is None:
+            timeout = timeout_s if timeout_s is not None else self.cfg.timeout_s
+            rows = self._call(
+                "reserve", num_rows=num_rows, step=step, group_ids=group_ids, timeout_s=timeout
+            )
+        slots = self._write(rows, data, timeout_s if timeout_s is not None else self.cfg.timeout_s)
+        try:
+            self._call("commit", row_ids=list(rows), columns=list(data), slots=slots,
+                       policy_versions=policy_versions, num_tokens=num_tokens)  # fmt: skip
+        except ValueError:
+            with self._lock:
+                self.storage.discard(list(rows), list(data))
+            raise
+        return list(rows)
+
+    # ------------------------------------------------------------------ get
+
+    def get(
+        self,
+        stage: str,
+        batch_size: int,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> Batch:
+        """Lease up to `batch_size` rows whose columns `stage` needs are all ready and that the
+        stage has not consumed; blocks until `min_rows` are available. Empty batch on timeout."""
+        return self._start(self._lease(stage, batch_size, timeout_s, sampler, min_rows, columns,
+                                       min_policy_version))()  # fmt: skip
+
+    def _lease(self, stage: str, batch_size: int, timeout_s: float | None, sampler: Sampler | None,
+               min_rows: int, columns: list[str] | None, min_policy_version: int | None) -> Grant:  # fmt: skip
+        return Grant.from_dict(self._call(
+            "get", stage=stage, batch_size=batch_size, timeout_s=timeout_s,
+            sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows, columns=columns,
+            min_policy_version=min_policy_version,
+        ))  # fmt: skip
+
+    def get_balanced(
+        self,
+        stage: str,
+        dp_rank: int,
+        dp_size: int,
+        batch_size: int,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> Batch:
+        """Collective over the `dp_size` ranks of a data-parallel mesh: each call is answered
+        together with the same call of the other ranks, token-balanced, equal row counts (+-1)."""
+        grant = Grant.from_dict(self._call(
+            "get_balanced", stage=stage, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
+            timeout_s=timeout_s, sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows,
+            columns=columns, min_policy_version=min_policy_version,
+        ))  # fmt: skip
+        return self._start(grant)()
+
+    def stream(
+        self,
+        stage: str,
+        batch_size: int,
+        prefetch: int = 2,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> Iterator[Batch]:
+        """Yield `get(...)` batches until one comes back empty (timeout, or the step sampler's step
+        is exhausted). A background thread leases up to `prefetch` batches ahead and starts their
+        transfers, so control round trips and transfers overlap the caller's work. The caller
+        acks each batch; leases still ahead when the caller stops iterating are given back."""
+        if prefetch < 1:
+            raise ValueError(f"prefetch={prefetch}; must be >= 1")
+        args = (stage, batch_size, timeout_s, sampler, min_rows, columns, min_policy_version)
+        cond = threading.Condition()
+        ahead: collections.deque[Callable[[], Batch] | BaseException] = collections.deque()
+        stopped = [False]
+
+        def prefetcher() -> None:
+            """Prefetch loop: waits in `get`, starts the transfer, then waits for room in `ahead`;
+            ends after an empty batch, an error, or when the consumer stopped (then it gives its
+            lease back untouched)."""
+            while True:
+                empty = False
+                try:
+                    grant = self._lease(*args)
+                    empty = not grant.row_ids
+                    item: Callable[[], Batch] | BaseException = self._start(grant)
+                except (ValueError, TimeoutError, OSError, RuntimeError) as e:
+                    item = e
+                with cond:
+                    while len(ahead) >= prefetch and not stopped[0]:
+                        cond.wait()
+                    if not stopped[0]:
+                        ahead.append(item)
+                        cond.notify_all()
+                if stopped[0]:
+                    if not isinstance(item, BaseException):
+                        self._give_back(item)
+                    return
+                if isinstance(item, BaseException) or empty:
+                    return
+
+        name = f"asyncflow-queue-prefetch-{stage}"
+        threading.Thread(target=prefetcher, name=name, daemon=True).start()
+        try:
+            while True:
+                with cond:
+                    while not ahead:
+                        cond.wait()
+                    item = ahead.popleft()
+                    cond.notify_all()
+                if isinstance(item, BaseException):
+                    raise item
+                batch = item()
+                if not len(batch):
+                    return
+                yield batch
+        finally:
+            with cond:
+                stopped[0] = True
+                left = [f for f in ahead if not isinstance(f, BaseException)]
+                ahead.clear()
+                cond.notify_all()
+            for finish in left:
+                self._give_back(finish)
+
+    def _give_back(self, finish: Callable[[], Batch]) -> None:
+        """Complete a started transfer (an owner may be blocked sending it), then nack it."""
+        try:
+            self.nack(finish())
+        except (OSError, ValueError, RuntimeError) as e:  # closed: the dropped link returns rows
+            logger.warning("could not give back prefetched rows: %s", e)
+
+    def _start(self, grant: Grant) -> Callable[[], Batch]:
+        """Start one transfer per owner; the returned function waits for them and assembles the
+        batch. Columns whose rows live on several owners are reassembled in row order. If a
+        transfer fails the lease is given back before the error propagates."""
+        by_owner: dict[int, list[tuple[str, list[int], list[int]]]] = {}
+        for col, locs in grant.locations.items():
+            per: dict[int, tuple[list[int], list[int]]] = {}
+            for pos, (owner, slot) in enumerate(locs):
+                p = per.setdefault(owner, ([], []))
+                p[0].append(slot)
+                p[1].append(pos)
+            for owner, (slots, positions) in per.items():
+                by_owner.setdefault(owner, []).append((col, slots, positions))
+        started: list[tuple[list[tuple[str, list[int], list[int]]], Pending]] = []
+        try:
+            for owner, reqs in by_owner.items():
+                transport = self._local if owner == self.rank else self._remote
+                if transport is None:
+                    raise ValueError(
+                        f"row owned by rank {owner} but transport='local' reaches only this rank"
+                    )
+                with self._lock if owner == self.rank else contextlib.nullcontext():
+                    started.append((reqs, transport.start(owner, [(c, s) for c, s, _ in reqs])))
+        except (ValueError, RuntimeError, OSError):
+            self.nack_lease(grant.lease_id)  # owner unreachable: give the rows back, then fail
+            raise
+
+        def finish() -> Batch:
+            pieces: dict[str, list[tuple[list[int], ColumnValue]]] = {
+                c: [] for c in grant.locations
+            }
+            try:
+                for reqs, pending in started:
+                    for (col, _, positions), v in zip(reqs, pending(), strict=True):
+                        pieces[col].append((positions, v))
+            except (RuntimeError, OSError):
+                self.nack_lease(grant.lease_id)
+                raise
+            return Batch(grant.row_ids, self._assemble(grant, pieces), grant.lease_id, grant.steps,
+                         grant.group_ids, grant.policy_versions, grant.num_tokens,
+                         grant.exhausted)  # fmt: skip
+
+        return finish
+
+    def _assemble(self, grant: Grant, pieces: dict[str, list[tuple[list[int], ColumnValue]]]
+                  ) -> dict[str, ColumnValue]:  # fmt: skip
+        out: dict[str, ColumnValue] = {}
+        n = len(grant.row_ids)
+        for col, parts in pieces.items():
+            if len(parts) == 1:
+                out[col] = parts[0][1]
+                continue
+            spec = self.schema.spec(col)
+            rows: list[torch.Tensor | None] = [None] * n
+            for positions, v in parts:
+                values = v.rows() if isinstance(v, Ragged) else v.unbind(0)
+                for p, r in zip(positions, values, strict=True):
+                    rows[p] = r
+            out[col] = assemble(spec, rows)  # type: ignore[arg-type]
+        return out
+
+    def ack(self, batch: Batch) -> None:
+        """The batch's rows are consumed by its stage (each row reaches each stage exactly once)."""
+        if batch.lease_id >= 0:
+            self._call("ack", lease_id=batch.lease_id)
+
+    def nack(self, batch: Batch) -> None:
+        """Give the batch back: its rows are redelivered to the stage first."""
+        self.nack_lease(batch.lease_id)
+
+    def nack_lease(self, lease_id: int) -> None:
+        if lease_id >= 0:
+            self._call("nack", lease_id=lease_id)
+
+    def stats(self) -> dict[str, int]:
+        return self._call("stats")
+
+    # ------------------------------------------------------------------ state, shutdown
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stored columns (the controller's metadata is saved on its host rank)."""
+        with self._lock:
+            return self.storage.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.storage.load_state_dict(state)
+
+    def close(self) -> None:
+        """Collective when transport='dist'. Unlinks this rank's shared-memory slabs."""
+        if self._remote is not None:
+            self._remote.close()
+        self.control.close()
+        if isinstance(self.storage, SharedMemoryStorage):
+            self.storage.close()
+
+
+def serve(cfg: QueueConfig, controller: Controller | None = None) -> ControllerServer:
+    """Host the controller (on one rank) at `cfg.host:cfg.port`."""
+    return ControllerServer(controller or Controller(cfg), cfg.host, cfg.port)
+
+
+def connect(
+    cfg: QueueConfig,
+    rank: int,
+    address: tuple[str, int] | None = None,
+    controller: Controller | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> QueueClient:
+    """A client for `rank`: in-process when `controller` is given, else over the socket at
+    `address` (default `cfg.host:cfg.port`). `group` is the data-plane group for transport='dist'."""
+    if controller is not None:
+        control: ControlPlane = LocalControl(controller, rank)
+    else:
+        control = RemoteControl(address or (cfg.host, cfg.port), rank, cfg.timeout_s)
+    return QueueClient(cfg, rank, control, group)

@@ -1,0 +1,562 @@
+"""The control plane: metadata of every stored row, which stage may receive it, and who holds it.
+
+```
+ producer --reserve(n)--> [capacity wait] --row ids--> write bytes to own storage --commit(cols)-->
+   row.ready_mask |= cols; for each stage whose needs became ready: stage.ready += row; notify stage
+ consumer --get(stage, B, sampler)--> [wait on stage.cond] --> sampler picks <= B rows --> lease
+   ack(lease)  -> row.consumed |= stage; all stages consumed -> row freed, owners told to free slots
+   nack(lease) / expire_consumer (socket closed) -> rows go back to the front of stage.ready
+```
+
+Every request touches only the rows it names or returns (ready sets are kept incrementally as
+ordered dicts), so its cost does not grow with the number of stored rows. One lock guards all
+state; each stage has its own condition variable, so a put wakes only the stages it made ready.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncflow.log import get_logger
+from asyncflow.queue.metadata import UNKNOWN_VERSION, Grant, Lease, RowMeta
+from asyncflow.queue.samplers import (
+    FifoSampler,
+    GroupSampler,
+    Sampler,
+    StageState,
+    balance_by_tokens,
+)
+from asyncflow.queue.schema import QueueConfig, Schema
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Round:
+    """One collective `get_balanced` call of all ranks of a data-parallel mesh."""
+
+    dp_size: int
+    consumers: dict[int, str] = field(default_factory=dict)
+    results: dict[int, Grant] | None = None
+    num_answered: int = 0
+
+
+class Controller:
+    """Metadata state machine of the queue; thread-safe; hosted in-process or behind `server.py`."""
+
+    def __init__(self, cfg: QueueConfig):
+        self.cfg = cfg
+        self.schema = Schema(cfg.columns)
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._stages: dict[str, StageState] = {}
+        for i, s in enumerate(cfg.stages):
+            cond = threading.Condition(self._lock)
+            self._stages[s.name] = StageState(
+                i, s.name, self.schema.mask(s.needs), cond, cfg.group_size
+            )
+        self._stage_list = list(self._stages.values())
+        self._all_stages = (1 << len(self._stage_list)) - 1
+        self._track_groups = cfg.group_size > 1
+        """With groups of one every ready row is a whole group: the group index is skipped."""
+        self.session = uuid.uuid4().hex[:12]
+        """Names this queue's shared-memory files; clients learn it when they connect."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: dict[int, RowMeta] = {}
+        self._groups: dict[int, list[int]] = {}
+        self._next_row_id = 0
+        self._leases: dict[int, Lease] = {}
+        self._next_lease_id = 0
+        self._by_consumer: dict[str, set[int]] = {}
+        self._reserved: dict[str, set[int]] = {}
+        self._freed: dict[int, list[tuple[int, int]]] = {}
+        """owner rank -> (slot, row id) of freed rows; the row id lets the owner skip stale entries."""
+        self._rounds: dict[tuple[str, int], _Round] = {}
+        self._round_seq: dict[tuple[str, int], int] = {}
+        self.num_dropped_stale = 0
+        for st in self._stage_list:
+            st.ready.clear()
+            st.by_step.clear()
+            st.by_version.clear()
+            st.group_ready.clear()
+            st.complete_groups.clear()
+            st.taken_by_step.clear()
+
+    # ---------------------------------------------------------------- put side
+
+    def reserve(
+        self,
+        consumer: str,
+        num_rows: int,
+        step: int = 0,
+        group_ids: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
+        """Allocate `num_rows` new row ids, blocking while the queue holds `capacity_rows` rows.
+        The rows count against capacity but are offered to no stage until columns are committed."""
+        cap = self.cfg.capacity_rows
+        if not 1 <= num_rows <= cap:
+            raise ValueError(f"num_rows={num_rows}; must be in [1, capacity_rows={cap}]")
+        if group_ids is None:
+            if self.cfg.group_size > 1:
+                raise ValueError(f"group_ids is required when group_size={self.cfg.group_size} > 1")
+        elif len(group_ids) != num_rows:
+            raise ValueError(f"len(group_ids)={len(group_ids)} != number of rows {num_rows}")
+        deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
+        with self._lock:
+            self._check_groups(group_ids)
+            while len(self._rows) + num_rows > cap:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"queue full: {len(self._rows)} of capacity_rows={cap} rows stored and "
+                        f"{num_rows} more requested; no stage freed rows within the timeout"
+                    )
+                self._space.wait(left)
+                self._check_groups(group_ids)
+            ids = list(range(self._next_row_id, self._next_row_id + num_rows))
+            self._next_row_id += num_rows
+            for i, rid in enumerate(ids):
+                gid = -1 - rid if group_ids is None else int(group_ids[i])  # own group: -1 - row
+                self._rows[rid] = RowMeta(step=int(step), group_id=gid)
+                self._groups.setdefault(gid, []).append(rid)
+            self._reserved.setdefault(consumer, set()).update(ids)
+            return ids
+
+    def _check_groups(self, group_ids: list[int] | None) -> None:
+        if group_ids is None:
+            return
+        counts: dict[int, int] = {}
+        for g in group_ids:
+            counts[g] = counts.get(g, 0) + 1
+        for g, c in counts.items():
+            have = len(self._groups.get(g, ()))
+            if have + c > self.cfg.group_size:
+                raise ValueError(
+                    f"group_id={g} would hold {have + c} rows; group_size={self.cfg.group_size}"
+                )
+
+    def commit(
+        self,
+        consumer: str,
+        rank: int,
+        row_ids: list[int],
+        columns: list[str],
+        slots: list[int],
+        policy_versions: list[int] | None = None,
+        num_tokens: list[int] | None = None,
+    ) -> None:
+        """Mark `columns` of `row_ids` ready, stored on `rank` at `slots`; wakes the stages whose
+        needs became complete. Validates everything first: a refused commit changes nothing."""
+        n = len(row_ids)
+        mask = self.schema.mask(columns)
+        if not columns:
+            raise ValueError("commit needs at least one column")
+        for name, v in (
+            ("slots", slots),
+            ("policy_versions", policy_versions),
+            ("num_tokens", num_tokens),
+        ):
+            if v is not None and len(v) != n:
+                raise ValueError(f"len({name})={len(v)} != number of rows {n}")
+        if len(set(row_ids)) != n:
+            raise ValueError(f"row_ids contain duplicates: {row_ids}")
+        col_idx = [self.schema.index[c] for c in columns]
+        with self._lock:
+            for rid in row_ids:
+                meta = self._rows.get(rid)
+                if meta is None:
+                    what = (
+                        "was already freed"
+                        if 0 <= rid < self._next_row_id
+                        else "was never reserved"
+                    )
+                    raise ValueError(f"put to row {rid}, which {what}; put new rows with rows=None")
+                if meta.ready_mask & mask:
+                    dup = [c for c in columns if meta.ready_mask >> self.schema.index[c] & 1]
+                    raise ValueError(
+                        f"row {rid}: columns {dup} are already stored; columns are write-once"
+                    )
+            woken: set[int] = set()
+            for i, rid in enumerate(row_ids):
+                meta = self._rows[rid]
+                for c in col_idx:
+                    meta.locations[c] = (int(rank), int(slots[i]))
+                old_mask = meta.ready_mask
+                meta.ready_mask |= mask
+                if num_tokens is not None:
+                    meta.num_tokens = int(num_tokens[i])
+                if policy_versions is not None and int(policy_versions[i]) != meta.policy_version:
+                    self._set_version(rid, meta, int(policy_versions[i]))
+                for st in self._stage_list:
+                    bit = 1 << st.index
+                    if (meta.consumed_mask | meta.leased_mask) & bit:
+                        continue
+                    if (
+                        st.needs_mask & meta.ready_mask == st.needs_mask
+                        and st.needs_mask & old_mask != st.needs_mask
+                    ):
+                        self._make_ready(st, rid, meta)
+                        woken.add(st.index)
+            for rid in row_ids:
+                for s in self._reserved.values():
+                    s.discard(rid)
+            for i in woken:
+                self._stage_list[i].cond.notify_all()
+
+    def _set_version(self, rid: int, meta: RowMeta, version: int) -> None:
+        for st in self._stage_list:
+            if rid in st.ready:
+                bucket = st.by_version[meta.policy_version]
+                del bucket[rid]
+                if not bucket:
+                    del st.by_version[meta.policy_version]
+                st.by_version.setdefault(version, OrderedDict())[rid] = None
+        meta.policy_version = version
+
+    # ---------------------------------------------------------------- indexes
+
+    def _make_ready(self, st: StageState, rid: int, meta: RowMeta, front: bool = False) -> None:
+        for d in (
+            st.ready,
+            st.by_step.setdefault(meta.step, OrderedDict()),
+            st.by_version.setdefault(meta.policy_version, OrderedDict()),
+        ):
+            d[rid] = None
+            if front:
+                d.move_to_end(rid, last=False)
+        if self._track_groups:
+            g = meta.group_id
+            st.group_ready[g] = st.group_ready.get(g, 0) + 1
+            if st.group_ready[g] == self.cfg.group_size:
+                st.complete_groups[g] = None
+                if front:
+                    st.complete_groups.move_to_end(g, last=False)
+
+    def _unready(self, st: StageState, rid: int, meta: RowMeta) -> None:
+        del st.ready[rid]
+        for index, key in ((st.by_step, meta.step), (st.by_version, meta.policy_version)):
+            bucket = index[key]
+            del bucket[rid]
+            if not bucket:
+                del index[key]
+        if self._track_groups:
+            g = meta.group_id
+            st.complete_groups.pop(g, None)
+            st.group_ready[g] -= 1
+            if st.group_ready[g] == 0:
+                del st.group_ready[g]
+
+    def _consume(self, st: StageState, rid: int) -> None:
+        meta = self._rows[rid]
+        meta.consumed_mask |= 1 << st.index
+        if meta.consumed_mask == self._all_stages:
+            self._free(rid)
+
+    def _free(self, rid: int) -> None:
+        meta = self._rows.pop(rid)
+        group = self._groups[meta.group_id]
+        group.remove(rid)
+        if not group:
+            del self._groups[meta.group_id]
+        for owner, slot in set(meta.locations.values()):
+            self._freed.setdefault(owner, []).append((slot, rid))
+        self._space.notify_all()
+
+    def _evict_stale(self, st: StageState, min_policy_version: int | None) -> None:
+        """The one staleness enforcement point: rows older than `min_policy_version` are dropped
+        for this stage (counted in `num_dropped_stale`), oldest version first; O(dropped rows)."""
+        if min_policy_version is None:
+            return
+        for v in [v for v in st.by_version if UNKNOWN_VERSION < v < min_policy_version]:
+            for rid in list(st.by_version[v]):
+                meta = self._rows[rid]
+                self._unready(st, rid, meta)
+                st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
+                self.num_dropped_stale += 1
+                self._consume(st, rid)
+
+    # ---------------------------------------------------------------- get side
+
+    def _stage(self, stage: str) -> StageState:
+        if stage not in self._stages:
+            raise ValueError(f"unknown stage {stage!r}; registered stages: {list(self._stages)}")
+        return self._stages[stage]
+
+    def _check_get(self, st: StageState, batch_size: int, min_rows: int, sampler: Sampler,
+                   columns: list[str] | None) -> list[str]:  # fmt: skip
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; must be >= 1")
+        if not 1 <= min_rows <= batch_size:
+            raise ValueError(f"min_rows={min_rows}; must be in [1, batch_size={batch_size}]")
+        if isinstance(sampler, GroupSampler) and batch_size < self.cfg.group_size:
+            raise ValueError(
+                f"batch_size={batch_size} < group_size={self.cfg.group_size}: no whole group fits"
+            )
+        needs = [c.name for i, c in enumerate(self.schema.columns) if st.needs_mask >> i & 1]
+        if columns is None:
+            return needs
+        extra = [c for c in columns if c not in needs]
+        if extra:
+            self.schema.mask(extra)
+            raise ValueError(
+                f"stage {st.name!r} does not wait for columns {extra}; it needs {needs}"
+            )
+        return list(columns)
+
+    def _lease(self, st: StageState, consumer: str, rows: list[int], columns: list[str]) -> Grant:
+        for rid in rows:
+            meta = self._rows[rid]
+            self._unready(st, rid, meta)
+            meta.leased_mask |= 1 << st.index
+            st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
+        lease_id = self._next_lease_id
+        self._next_lease_id += 1
+        self._leases[lease_id] = Lease(lease_id, st.index, consumer, rows)
+        self._by_consumer.setdefault(consumer, set()).add(lease_id)
+        metas = [self._rows[r] for r in rows]
+        cols = [(c, self.schema.index[c]) for c in columns]
+        return Grant(
+            lease_id, list(rows), [m.step for m in metas], [m.group_id for m in metas],
+            [m.policy_version for m in metas], [m.num_tokens for m in metas],
+            {c: [m.locations[i] for m in metas] for c, i in cols},
+        )  # fmt: skip
+
+    def _wait_rows(self, st: StageState, sampler: Sampler, want_rows: int, deadline: float,
+                   min_policy_version: int | None, stop: _Round | None = None) -> bool:  # fmt: skip
+        """Wait until the sampler can answer; False on timeout (or when `stop` got its results)."""
+        while True:
+            self._evict_stale(st, min_policy_version)
+            want = sampler.wanted(st, want_rows, self.cfg.rows_per_step)
+            if want <= 0 or sampler.available(st) >= want:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.results is not None):
+                return False
+            st.cond.wait(left)
+
+    def get(
+        self,
+        consumer: str,
+        stage: str,
+        batch_size: int,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> Grant:
+        """Lease up to `batch_size` rows ready for `stage` that it has not consumed, once at least
+        `min_rows` are available (the step sampler: or the rest of its step). Empty on timeout."""
+        st = self._stage(stage)
+        sampler = sampler or FifoSampler()
+        columns = self._check_get(st, batch_size, min_rows, sampler, columns)
+        deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
+        with self._lock:
+            if not self._wait_rows(st, sampler, min_rows, deadline, min_policy_version):
+                return Grant.empty()
+            rows = sampler.take(st, batch_size, self._groups)
+            if not rows:
+                return Grant.empty(self._exhausted(st, sampler))
+            return self._lease(st, consumer, rows, columns)
+
+    def _exhausted(self, st: StageState, sampler: Sampler) -> bool:
+        """The sampler wants nothing more (a step sampler whose step the stage has all taken)."""
+        return sampler.wanted(st, 1, self.cfg.rows_per_step) <= 0
+
+    def get_balanced(
+        self,
+        consumer: str,
+        stage: str,
+        dp_rank: int,
+        dp_size: int,
+        batch_size: int,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> Grant:
+        """Collective `get` of the `dp_size` ranks of a data-parallel mesh: the k-th call of every
+        rank is answered together, up to `dp_size * batch_size` rows split into parts of equal size
+        (+-1) and balanced token sums, so every rank runs the same number of micro-batches. If any
+        rank times out before all arrived, the round answers every rank with an empty batch."""
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        st = self._stage(stage)
+        sampler = sampler or FifoSampler()
+        columns = self._check_get(st, batch_size, min_rows, sampler, columns)
+        deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
+        with self._lock:
+            seq = self._round_seq.get((stage, dp_rank), 0)
+            self._round_seq[(stage, dp_rank)] = seq + 1
+            rnd = self._rounds.setdefault((stage, seq), _Round(dp_size))
+            if rnd.dp_size != dp_size:
+                raise ValueError(
+                    f"dp_size={dp_size} but other ranks of this round use {rnd.dp_size}"
+                )
+            rnd.consumers[dp_rank] = consumer
+            if rnd.results is None and len(rnd.consumers) == dp_size:
+                total = dp_size * batch_size
+                ok = self._wait_rows(
+                    st, sampler, dp_size * min_rows, deadline, min_policy_version, rnd
+                )
+                if rnd.results is None:
+                    rows = sampler.take(st, total, self._groups) if ok else []
+                    tokens = [self._rows[r].num_tokens for r in rows]
+                    parts = balance_by_tokens(rows, tokens, dp_size)
+                    rnd.results = {
+                        r: self._lease(st, rnd.consumers[r], p, columns) if p
+                        else Grant.empty(ok and not rows and self._exhausted(st, sampler))
+                        for r, p in enumerate(parts)
+                    }
+                    st.cond.notify_all()
+            while rnd.results is None:
+                left = deadline - time.monotonic()
+                if left <= 0 and len(rnd.consumers) < dp_size:
+                    rnd.results = {r: Grant.empty() for r in range(dp_size)}
+                    st.cond.notify_all()
+                    break
+                st.cond.wait(max(left, 0.05))
+            rnd.num_answered += 1
+            if rnd.num_answered == dp_size:
+                del self._rounds[(stage, seq)]
+            return rnd.results[dp_rank]
+
+    # ---------------------------------------------------------------- leases
+
+    def _pop_lease(self, lease_id: int) -> Lease:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            raise ValueError(
+                f"lease {lease_id} is not held (already acked, returned, or its consumer expired)"
+            )
+        self._by_consumer[lease.consumer].discard(lease_id)
+        return lease
+
+    def ack(self, lease_id: int) -> None:
+        """The lease's rows are consumed by its stage; rows every stage consumed are freed."""
+        with self._lock:
+            lease = self._pop_lease(lease_id)
+            st = self._stage_list[lease.stage]
+            for rid in lease.row_ids:
+                self._rows[rid].leased_mask &= ~(1 << st.index)
+                self._consume(st, rid)
+
+    def nack(self, lease_id: int) -> None:
+        """Return the lease's rows to the front of the stage's ready set (redelivered first)."""
+        with self._lock:
+            self._return(self._pop_lease(lease_id))
+
+    def _return(self, lease: Lease) -> None:
+        st = self._stage_list[lease.stage]
+        for rid in reversed(lease.row_ids):
+            meta = self._rows[rid]
+            meta.leased_mask &= ~(1 << st.index)
+            st.taken_by_step[meta.step] -= 1
+            self._make_ready(st, rid, meta, front=True)
+        st.cond.notify_all()
+
+    def expire_consumer(self, consumer: str) -> int:
+        """A consumer died: its leased rows return to the ready sets and rows it reserved but never
+        wrote are dropped. Returns the number of leased rows returned."""
+        with self._lock:
+            n = 0
+            for lease_id in list(self._by_consumer.pop(consumer, ())):
+                lease = self._leases.pop(lease_id)
+                n += len(lease.row_ids)
+                self._return(lease)
+            for rid in self._reserved.pop(consumer, ()):
+                if rid in self._rows and self._rows[rid].ready_mask == 0:
+                    self._free(rid)
+            if n:
+                logger.warning(
+                    "consumer %s expired; %d leased rows returned to the queue", consumer, n
+                )
+            return n
+
+    def take_freed(self, rank: int) -> list[tuple[int, int]]:
+        """(slot, row id) on `rank` of rows freed since the last call; the storage reuses them."""
+        with self._lock:
+            return self._freed.pop(rank, [])
+
+    # ---------------------------------------------------------------- introspection, state
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = {"num_rows": len(self._rows), "num_leases": len(self._leases),
+                   "num_dropped_stale": self.num_dropped_stale}  # fmt: skip
+            for st in self._stage_list:
+                out[f"ready/{st.name}"] = len(st.ready)
+            return out
+
+    def num_ready(self, stage: str) -> int:
+        with self._lock:
+            return len(self._stage(stage).ready)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Metadata as plain lists. Leased rows are saved as not consumed (redelivered after a
+        restore); rows reserved but never written are not saved."""
+        with self._lock:
+            rows = []
+            for rid, m in self._rows.items():
+                if m.ready_mask == 0:
+                    continue
+                locs = [[c, o, s] for c, (o, s) in m.locations.items()]
+                rows.append([rid, m.step, m.group_id, m.policy_version, m.num_tokens, m.ready_mask,
+                             m.consumed_mask, locs])  # fmt: skip
+            orders = {}
+            taken = {}
+            for st in self._stage_list:
+                leased = [
+                    r
+                    for lease in self._leases.values()
+                    if lease.stage == st.index
+                    for r in lease.row_ids
+                ]
+                orders[st.name] = leased + list(st.ready)
+                t = dict(st.taken_by_step)
+                for r in leased:
+                    t[self._rows[r].step] -= 1
+                taken[st.name] = [[k, v] for k, v in t.items()]
+            return {
+                "next_row_id": self._next_row_id,
+                "rows": rows,
+                "ready_order": orders,
+                "taken_by_step": taken,
+                "freed": [[o, [list(e) for e in s]] for o, s in self._freed.items()],
+                "num_dropped_stale": self.num_dropped_stale,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace all state; outstanding leases and waiting balanced rounds are forgotten."""
+        with self._lock:
+            self._reset()
+            self._next_row_id = int(state["next_row_id"])
+            for rid, step, gid, ver, tok, ready, consumed, locs in state["rows"]:
+                m = RowMeta(step, gid, ver, tok, ready, consumed)
+                m.locations = {int(c): (int(o), int(s)) for c, o, s in locs}
+                self._rows[int(rid)] = m
+                self._groups.setdefault(gid, []).append(int(rid))
+            for st in self._stage_list:
+                for rid in state["ready_order"][st.name]:
+                    self._make_ready(st, rid, self._rows[rid])
+                st.taken_by_step = {int(k): int(v) for k, v in state["taken_by_step"][st.name]}
+            self._freed = {int(o): [(int(a), int(b)) for a, b in s] for o, s in state["freed"]}
+            self.num_dropped_stale = int(state["num_dropped_stale"])
+            for st in self._stage_list:
+                st.cond.notify_all()
+            self._space.notify_all()
+
+
+def _deadline(timeout_s: float) -> float:
+    if timeout_s < 0:
+        raise ValueError(f"timeout_s={timeout_s}; must be >= 0")
+    return time.monotonic() + timeout_s

@@ -1,0 +1,144 @@
+"""Samplers: which ready rows a `get` receives. Each reads the per-stage indexes in `StageState`
+and costs O(batch), never O(stored rows).
+
+Samplers cross the control socket as small typed dicts (`to_dict` / `sampler_from_dict`).
+Token balancing across a data-parallel mesh is `balance_by_tokens`, used by `Controller.get_balanced`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class StageState:
+    """Incremental indexes of one stage: rows ready for it and not yet leased or consumed."""
+
+    index: int
+    name: str
+    needs_mask: int
+    cond: threading.Condition
+    group_size: int = 1
+    """Rows per group; 1 = no group index is kept (every ready row is a whole group)."""
+    ready: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    by_step: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
+    by_version: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
+    group_ready: dict[int, int] = field(default_factory=dict)
+    complete_groups: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    taken_by_step: dict[int, int] = field(default_factory=dict)
+    """Rows of each step that this stage holds a lease on or has consumed."""
+
+
+class Sampler(Protocol):
+    """Chooses rows from a stage's ready indexes; the controller then leases them."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+        """Rows that must be available before answering; 0 = answer now even if empty."""
+        ...
+
+    def available(self, st: StageState) -> int: ...
+
+    def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]: ...
+
+
+@dataclass
+class FifoSampler:
+    """Oldest ready rows first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "fifo"}
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+        return min_rows
+
+    def available(self, st: StageState) -> int:
+        return len(st.ready)
+
+    def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]:
+        return list(itertools.islice(st.ready, batch_size))
+
+
+@dataclass
+class GroupSampler:
+    """Only whole groups (all `group_size` rows ready for the stage), oldest complete group first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "group"}
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+        return min_rows
+
+    def available(self, st: StageState) -> int:
+        if st.group_size == 1:  # the controller keeps no group index then
+            return len(st.ready)
+        return len(st.complete_groups) * st.group_size
+
+    def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]:
+        if st.group_size == 1:
+            return list(itertools.islice(st.ready, batch_size))
+        out: list[int] = []
+        for gid in st.complete_groups:
+            rows = groups[gid]
+            if len(out) + len(rows) > batch_size:
+                break
+            out.extend(rows)
+        return out
+
+
+@dataclass
+class StepSampler:
+    """Rows of one global step only; once the stage has taken all `rows_per_step` rows of the step,
+    `get` answers at once with an empty batch ("the rest of step s" is then nothing)."""
+
+    step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "step", "step": self.step}
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+        if rows_per_step <= 0:
+            raise ValueError("StepSampler needs QueueConfig.rows_per_step > 0 (rows in one step)")
+        return min(min_rows, rows_per_step - st.taken_by_step.get(self.step, 0))
+
+    def available(self, st: StageState) -> int:
+        return len(st.by_step.get(self.step, ()))
+
+    def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]:
+        return list(itertools.islice(st.by_step.get(self.step, ()), batch_size))
+
+
+_SAMPLERS: dict[str, type] = {"fifo": FifoSampler, "group": GroupSampler, "step": StepSampler}
+
+
+def sampler_from_dict(d: dict[str, Any]) -> Sampler:
+    kind = d.get("kind")
+    if kind not in _SAMPLERS:
+        raise ValueError(f"sampler kind={kind!r}; allowed: {list(_SAMPLERS)}")
+    if kind == "step":
+        if not isinstance(d.get("step"), int):
+            raise ValueError(f"step sampler needs an integer 'step', got {d.get('step')!r}")
+        return StepSampler(step=d["step"])
+    return _SAMPLERS[kind]()
+
+
+def balance_by_tokens(row_ids: list[int], num_tokens: list[int], num_parts: int) -> list[list[int]]:
+    """Split rows into `num_parts` lists whose sizes differ by at most one and whose token sums are
+    close: longest row first onto the lightest part that still has room (LPT with a count cap)."""
+    n = len(row_ids)
+    caps = [n // num_parts + (1 if p < n % num_parts else 0) for p in range(num_parts)]
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    heap = [(0, p) for p in range(num_parts) if caps[p] > 0]
+    heapq.heapify(heap)
+    for tok, rid in sorted(zip(num_tokens, row_ids, strict=True), key=lambda t: (-t[0], t[1])):
+        load, p = heapq.heappop(heap)
+        parts[p].append(rid)
+        if len(parts[p]) < caps[p]:
+            heapq.heappush(heap, (load + tok, p))
+    return parts

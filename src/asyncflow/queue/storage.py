@@ -1,0 +1,306 @@
+"""Storage units: the columns a rank produced, held where they were produced until freed.
+
+Two implementations of one small protocol:
+- `MemoryStorage` keeps the producer's tensors by reference: reading rows that were put together
+  returns a view (zero-copy within one process).
+- `SharedMemoryStorage` copies each column into a fixed-stride slab mapped from a file in /dev/shm
+  (`torch.from_file(shared=True)`), one slot per row, so any process on the host can map the slab
+  and gather rows without a message to the owner. Chosen over `multiprocessing.shared_memory`,
+  whose resource tracker unlinks segments when an attaching process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from typing import Any, Protocol
+
+import torch
+
+from asyncflow.queue.schema import ColumnSpec, Ragged, Schema
+
+ColumnValue = torch.Tensor | Ragged
+"""A column of a batch: dense `[B, *shape]`, or `Ragged` values + offsets for ragged columns."""
+
+
+def split_rows(
+    spec: ColumnSpec, value: torch.Tensor | Ragged | list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Rows of one column as a list of per-row tensors (checked against the schema)."""
+    if isinstance(value, Ragged):
+        rows = value.rows()
+    elif isinstance(value, torch.Tensor):
+        if spec.ragged:
+            raise ValueError(
+                f"column {spec.name!r} is ragged: pass a list of per-row tensors or a Ragged, "
+                f"not one tensor of shape {list(value.shape)}"
+            )
+        if value.dim() != len(spec.shape) + 1:
+            raise ValueError(
+                f"column {spec.name!r}: batch shape {list(value.shape)} contradicts schema "
+                f"[B, *{spec.shape}]"
+            )
+        rows = list(value.unbind(0))
+    else:
+        rows = list(value)
+    for r in rows:
+        if not isinstance(r, torch.Tensor):
+            raise ValueError(f"column {spec.name!r}: rows must be tensors, got {type(r).__name__}")
+        spec.check(r)
+    return rows
+
+
+def assemble(spec: ColumnSpec, rows: list[torch.Tensor]) -> ColumnValue:
+    if spec.ragged:
+        lens = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=offsets[1:])
+        values = (
+            torch.cat(rows) if rows else torch.empty((0, *spec.shape[1:]), dtype=spec.torch_dtype)
+        )
+        return Ragged(values, offsets)
+    if not rows:
+        return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
+    return torch.stack(rows)
+
+
+class Storage(Protocol):
+    """One rank's storage unit. Slots are the handles the controller records per (row, rank)."""
+
+    def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
+        """Store columns (already split into per-row tensors or a dense batch); returns slots."""
+        ...
+
+    def read(self, column: str, slots: list[int]) -> ColumnValue: ...
+
+    def discard(self, row_ids: list[int], columns: list[str]) -> None:
+        """Undo a `write` whose commit was refused."""
+        ...
+
+    def free(self, entries: list[tuple[int, int]]) -> None:
+        """Release (slot, row id) pairs of freed rows; entries whose slot moved on are skipped."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class MemoryStorage:
+    """Keeps references to the put tensors; row -> (batch tensor, index in batch). Slot = row id."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self._cols: dict[str, dict[int, tuple[torch.Tensor, int]]] = {
+            c.name: {} for c in schema.columns
+        }
+
+    def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
+        for name in columns:
+            _check_write_once(name, [r for r in row_ids if r in self._cols[name]])
+        for name, value in columns.items():
+            col = self._cols[name]
+            if isinstance(value, torch.Tensor) and not self.schema.spec(name).ragged:
+                for i, rid in enumerate(row_ids):
+                    col[rid] = (value, i)
+            else:
+                for rid, row in zip(row_ids, value, strict=True):
+                    col[rid] = (row.unsqueeze(0), 0)
+        return list(row_ids)
+
+    def read(self, column: str, slots: list[int]) -> ColumnValue:
+        spec = self.schema.spec(column)
+        entries = [self._cols[column][s] for s in slots]
+        if not spec.ragged and entries:
+            base, i0 = entries[0]
+            if all(b is base and i == i0 + k for k, (b, i) in enumerate(entries)):
+                return base.narrow(0, i0, len(entries))  # zero-copy: rows were put together
+        return assemble(spec, [b[i] for b, i in entries])
+
+    def discard(self, row_ids: list[int], columns: list[str]) -> None:
+        for name in columns:
+            for rid in row_ids:
+                self._cols[name].pop(rid, None)
+
+    def free(self, entries: list[tuple[int, int]]) -> None:
+        for col in self._cols.values():
+            for _, rid in entries:
+                col.pop(rid, None)
+
+    def num_rows(self) -> int:
+        return len({r for col in self._cols.values() for r in col})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: {rid: b[i].clone() for rid, (b, i) in col.items()}
+            for name, col in self._cols.items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._cols = {
+            name: {int(r): (t.unsqueeze(0), 0) for r, t in col.items()}
+            for name, col in state.items()
+        }
+
+
+def _check_write_once(name: str, dup: list[int]) -> None:
+    if dup:
+        raise ValueError(
+            f"column {name!r} of rows {dup[:8]} is already stored; columns are write-once"
+        )
+
+
+def unlink_session(session: str) -> None:
+    """Remove every slab file of a queue session on this host (ranks that died left theirs)."""
+    for path in glob.glob(f"/dev/shm/asyncflow-{session}-*"):
+        with contextlib.suppress(FileNotFoundError):  # a rank closing concurrently
+            os.unlink(path)
+
+
+def slab_path(session: str, rank: int, column: str, suffix: str = "") -> str:
+    return f"/dev/shm/asyncflow-{session}-r{rank}-{column}{suffix}"
+
+
+class Slabs:
+    """Maps one rank's column slabs (`[num_slots, *shape]`, plus int64 lengths for ragged columns);
+    used writable by the owner and read-only in spirit by readers on the same host."""
+
+    def __init__(self, schema: Schema, session: str, rank: int, num_slots: int, create: bool):
+        self.schema, self.session, self.rank, self.num_slots = schema, session, rank, num_slots
+        self.create = create
+        self.data: dict[str, torch.Tensor] = {}
+        self.lengths: dict[str, torch.Tensor] = {}
+
+    def map(self, column: str) -> torch.Tensor:
+        if column not in self.data:
+            spec = self.schema.spec(column)
+            path = slab_path(self.session, self.rank, column)
+            if not self.create and not os.path.exists(path):
+                raise ValueError(
+                    f"no shared-memory slab {path}: rank {self.rank} is not on this host (or "
+                    f"never stored {column!r}); use transport='dist' across hosts"
+                )
+            flat = torch.from_file(
+                path, shared=True, size=self.num_slots * spec.row_numel, dtype=spec.torch_dtype
+            )
+            self.data[column] = flat.view(self.num_slots, *spec.shape)
+            if spec.ragged:
+                lpath = slab_path(self.session, self.rank, column, ".len")
+                self.lengths[column] = torch.from_file(
+                    lpath, shared=True, size=self.num_slots, dtype=torch.int64
+                )
+        return self.data[column]
+
+    def read(self, column: str, slots: list[int]) -> ColumnValue:
+        slab = self.map(column)
+        spec = self.schema.spec(column)
+        idx = torch.tensor(slots, dtype=torch.int64)
+        if not spec.ragged:
+            return slab.index_select(0, idx)
+        lens = self.lengths[column].index_select(0, idx)
+        rows = [slab[s, :n] for s, n in zip(slots, lens.tolist(), strict=True)]
+        return assemble(spec, rows)
+
+    def paths(self) -> list[str]:
+        out = [slab_path(self.session, self.rank, c) for c in self.data]
+        return out + [slab_path(self.session, self.rank, c, ".len") for c in self.lengths]
+
+
+class SharedMemoryStorage:
+    """Fixed-stride slabs in /dev/shm, one slot per row stored on this rank; `num_slots` is the
+    queue's `capacity_rows`, so slots never run out while freed slots are returned promptly."""
+
+    def __init__(self, schema: Schema, session: str, rank: int, num_slots: int):
+        self.schema = schema
+        self.slabs = Slabs(schema, session, rank, num_slots, create=True)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._slot_of: dict[int, int] = {}
+        self._row_of: dict[int, int] = {}
+        self._cols_of: dict[int, set[str]] = {}
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
+        for name in columns:
+            _check_write_once(name, [r for r in row_ids if name in self._cols_of.get(r, ())])
+        new = [r for r in row_ids if r not in self._slot_of]
+        if len(new) > len(self._free_slots):
+            raise MemoryError(
+                f"storage full: {len(new)} slots needed, {len(self._free_slots)} free"
+            )
+        for rid in new:
+            s = self._free_slots.pop()
+            self._slot_of[rid], self._row_of[s] = s, rid
+            self._cols_of[rid] = set()
+        slots = [self._slot_of[r] for r in row_ids]
+        idx = torch.tensor(slots, dtype=torch.int64)
+        for name, value in columns.items():
+            slab = self.slabs.map(name)
+            if isinstance(value, torch.Tensor) and not self.schema.spec(name).ragged:
+                if slots == list(range(slots[0], slots[0] + len(slots))):
+                    slab[slots[0] : slots[0] + len(slots)].copy_(value)
+                else:
+                    slab.index_copy_(0, idx, value)
+            else:
+                lens = self.slabs.lengths[name]
+                for s, row in zip(slots, value, strict=True):
+                    slab[s, : row.shape[0]].copy_(row)
+                    lens[s] = row.shape[0]
+            for rid in row_ids:
+                self._cols_of[rid].add(name)
+        return slots
+
+    def read(self, column: str, slots: list[int]) -> ColumnValue:
+        return self.slabs.read(column, slots)
+
+    def discard(self, row_ids: list[int], columns: list[str]) -> None:
+        for rid in row_ids:
+            cols = self._cols_of.get(rid)
+            if cols is not None:
+                cols.difference_update(columns)
+                if not cols:
+                    self.free([(self._slot_of[rid], rid)])
+
+    def free(self, entries: list[tuple[int, int]]) -> None:
+        for s, rid in entries:
+            if self._row_of.get(s) != rid:
+                continue
+            del self._row_of[s]
+            del self._slot_of[rid]
+            del self._cols_of[rid]
+            self._free_slots.append(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"slots": [[r, s] for r, s in self._slot_of.items()], "columns": {}}
+        for name in self.slabs.data:
+            rows = [r for r, cols in self._cols_of.items() if name in cols]
+            idx = torch.tensor([self._slot_of[r] for r in rows], dtype=torch.int64)
+            entry = {"row_ids": rows, "data": self.slabs.data[name].index_select(0, idx)}
+            if name in self.slabs.lengths:
+                entry["lengths"] = self.slabs.lengths[name].index_select(0, idx)
+            out["columns"][name] = entry
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.free(list(self._row_of.items()))
+        for rid, s in state["slots"]:
+            self._free_slots.remove(s)
+            self._slot_of[rid], self._row_of[s] = s, rid
+            self._cols_of[rid] = set()
+        for name, entry in state["columns"].items():
+            slab = self.slabs.map(name)
+            idx = torch.tensor([self._slot_of[r] for r in entry["row_ids"]], dtype=torch.int64)
+            slab.index_copy_(0, idx, entry["data"])
+            if "lengths" in entry:
+                self.slabs.lengths[name].index_copy_(0, idx, entry["lengths"])
+            for r in entry["row_ids"]:
+                self._cols_of[r].add(name)
+
+    def close(self) -> None:
+        """Unlink the slab files; mappings already open elsewhere stay valid until dropped."""
+        for p in self.slabs.paths():
+            if os.path.exists(p):
+                os.unlink(p)

@@ -1,0 +1,252 @@
+"""Data plane: how a consumer pulls the columns it was granted from the rank that owns them.
+
+Three implementations of `Transport.start(owner, requests)`, one call per (owner, micro-batch).
+Fetches are split-phase (`start` returns a `Pending`), so a prefetching consumer keeps several
+transfers in flight.
+- `LocalTransport`: the owner is this process; reads its storage directly (views where possible).
+- `ShmTransport`: the owner is on this host; maps its /dev/shm slabs and gathers, no message at all.
+- `DistTransport`: torch.distributed point-to-point on a dedicated group. The consumer sends one
+  small int64 request; the owner's serving thread answers with one uint8 payload holding every
+  column (each segment 8-byte aligned), preceded by ragged lengths only when there are any.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from asyncflow.log import get_logger
+from asyncflow.queue.schema import Ragged, Schema
+from asyncflow.queue.storage import ColumnValue, Slabs, Storage
+
+logger = get_logger(__name__)
+
+Request = list[tuple[str, list[int]]]
+"""Columns to fetch from one owner: (column, slots of the rows, in batch order)."""
+
+
+Pending = Callable[[], list[ColumnValue]]
+"""A started fetch; calling it waits for the transfer and returns the columns in request order."""
+
+
+class Transport(Protocol):
+    def start(self, owner: int, requests: Request) -> Pending:
+        """Begin pulling `requests` from `owner`; several may be in flight at once."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalTransport:
+    """Owner == this process: read the storage unit directly."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def start(self, owner: int, requests: Request) -> Pending:
+        values = [self.storage.read(col, slots) for col, slots in requests]
+        return lambda: values
+
+    def close(self) -> None:
+        pass
+
+
+class ShmTransport:
+    """Owner on this host with `SharedMemoryStorage`: gather straight from its mapped slabs. Safe
+    because a slot is reused only after every stage acked the row, and this consumer holds a lease."""
+
+    def __init__(self, schema: Schema, session: str, num_slots: int):
+        self.schema, self.session, self.num_slots = schema, session, num_slots
+        self._peers: dict[int, Slabs] = {}
+
+    def start(self, owner: int, requests: Request) -> Pending:
+        slabs = self._peers.get(owner)
+        if slabs is None:
+            slabs = self._peers[owner] = Slabs(
+                self.schema, self.session, owner, self.num_slots, create=False
+            )
+        values = [slabs.read(col, slots) for col, slots in requests]
+        return lambda: values
+
+    def close(self) -> None:
+        self._peers.clear()
+
+
+_TAG_REQ = 71
+_FIRST_REPLY_TAG, _NUM_REPLY_TAGS = 1000, 1 << 20
+_STOP, _CONTIGUOUS, _GENERAL = -1, 0, 1
+
+
+def _aligned(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+class DistTransport:
+    """Pull over torch.distributed send/recv on `group` (gloo for CPU tensors). Every rank of the
+    group runs a serving thread for its storage; `close()` is collective over the group.
+
+    Request: int64[5] `[kind, column mask, first slot, count, reply tag]`; when the columns share
+    one contiguous slot range (rows put together) that is all, else `kind=_GENERAL` and an int64
+    body `[column, n, slots...]*` follows. Reply, on the request's own tag (so fetches can overlap):
+    the payload alone for fixed-shape columns, whose receive is posted before the request is sent
+    (split-phase); preceded by the ragged lengths when ragged columns are requested (then `start`
+    receives both before returning, so no reply ever waits for a receive to be posted)."""
+
+    def __init__(self, schema: Schema, storage: Storage, group: dist.ProcessGroup):
+        self.schema, self.storage, self.group = schema, storage, group
+        self.rank = dist.get_rank()
+        self.ranks = dist.get_process_group_ranks(group)
+        self._col_names = [c.name for c in schema.columns]
+        self._tag_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._next_tag = 0
+        self._send_buf = torch.empty(0, dtype=torch.uint8)
+        self._thread = threading.Thread(
+            target=self._serve, name="asyncflow-queue-serve", daemon=True
+        )
+        if len(self.ranks) > 1:
+            self._thread.start()
+
+    def _serve(self) -> None:
+        """Serving loop: consumes pull requests from any rank of the group, waits in `recv`,
+        answers each in arrival order; a STOP request from a peer ends it."""
+        while True:
+            head = torch.empty(5, dtype=torch.int64)
+            src = dist.recv(head, src=None, group=self.group, tag=_TAG_REQ)
+            kind, mask, first, count, reply_tag = head.tolist()
+            if kind == _STOP:
+                return
+            if kind == _CONTIGUOUS:
+                slots = list(range(first, first + count))
+                req = [(c, slots) for i, c in enumerate(self._col_names) if mask >> i & 1]
+            else:
+                body = torch.empty(count, dtype=torch.int64)
+                dist.recv(body, src=src, group=self.group, tag=_TAG_REQ)
+                req, b, pos = [], body.tolist(), 0
+                while pos < len(b):
+                    req.append((self._col_names[b[pos]], b[pos + 2 : pos + 2 + b[pos + 1]]))
+                    pos += 2 + b[pos + 1]
+            self._answer(src, req, reply_tag)
+
+    def _answer(self, dst: int, req: Request, tag: int) -> None:
+        parts: list[torch.Tensor] = []
+        lengths: list[int] = []
+        for col, slots in req:
+            value = self.storage.read(col, slots)
+            if isinstance(value, Ragged):
+                lengths.extend(value.lengths.tolist())
+                value = value.values
+            raw = value.contiguous().view(-1).view(torch.uint8)
+            parts.append(raw)
+            pad = _aligned(raw.numel()) - raw.numel()
+            if pad:
+                parts.append(torch.zeros(pad, dtype=torch.uint8))
+        if len(parts) == 1:
+            payload = parts[0]
+        else:  # one message: gather into a send buffer reused across requests (no page faults)
+            total = sum(p.numel() for p in parts)
+            if self._send_buf.numel() < total:
+                self._send_buf = torch.empty(total, dtype=torch.uint8)
+            payload = torch.cat(parts, out=self._send_buf[:total])
+        if lengths:
+            lens = torch.tensor(lengths, dtype=torch.int64)
+            dist.send(lens, dst=dst, group=self.group, tag=tag)
+        dist.send(payload, dst=dst, group=self.group, tag=tag)
+
+    def _sizes(self, requests: Request, lens_all: torch.Tensor) -> list[tuple[int, int]]:
+        """(rows along dim 0, bytes) of each requested column's segment in the payload."""
+        sizes, lpos = [], 0
+        for col, slots in requests:
+            spec = self.schema.spec(col)
+            item = torch.empty((), dtype=spec.torch_dtype).element_size()
+            if spec.ragged:
+                num_rows = int(lens_all[lpos : lpos + len(slots)].sum())
+                lpos += len(slots)
+                per_row = item * (spec.row_numel // spec.shape[0])
+            else:
+                num_rows, per_row = len(slots), item * spec.row_numel
+            sizes.append((num_rows, num_rows * per_row))
+        return sizes
+
+    def start(self, owner: int, requests: Request) -> Pending:
+        names = [c for c, _ in requests]
+        slots0 = requests[0][1]
+        contiguous = (
+            all(s == slots0 for _, s in requests)
+            and slots0 == list(range(slots0[0], slots0[0] + len(slots0)))
+            and names == sorted(names, key=self.schema.index.__getitem__)  # mask implies order
+        )
+        num_ragged_rows = sum(len(s) for c, s in requests if self.schema.spec(c).ragged)
+        with self._tag_lock:
+            tag = _FIRST_REPLY_TAG + self._next_tag
+            self._next_tag = (self._next_tag + 1) % _NUM_REPLY_TAGS
+        lens_all = torch.empty(num_ragged_rows, dtype=torch.int64)
+        if not num_ragged_rows:  # payload size known: post the receive before asking
+            sizes = self._sizes(requests, lens_all)
+            payload = torch.empty(sum(_aligned(n) for _, n in sizes), dtype=torch.uint8)
+            work = dist.irecv(payload, src=owner, group=self.group, tag=tag)
+        with self._send_lock:  # head and body of one request stay adjacent on the wire
+            if contiguous:
+                mask = sum(1 << self.schema.index[c] for c in names)
+                head = [_CONTIGUOUS, mask, slots0[0], len(slots0), tag]
+                dist.send(torch.tensor(head, dtype=torch.int64), owner, self.group, _TAG_REQ)
+            else:
+                body: list[int] = []
+                for col, slots in requests:
+                    body += [self.schema.index[col], len(slots), *slots]
+                head = [_GENERAL, 0, 0, len(body), tag]
+                dist.send(torch.tensor(head, dtype=torch.int64), owner, self.group, _TAG_REQ)
+                dist.send(torch.tensor(body, dtype=torch.int64), owner, self.group, _TAG_REQ)
+
+        if not num_ragged_rows:
+
+            def wait_fixed() -> list[ColumnValue]:
+                work.wait()
+                return self._decode(requests, sizes, payload, lens_all)
+
+            return wait_fixed
+
+        # Ragged: the payload size is known only from the lengths, so receive both now. Never
+        # leave the owner's serving thread blocked on a send that no posted receive matches.
+        dist.recv(lens_all, src=owner, group=self.group, tag=tag)
+        sizes = self._sizes(requests, lens_all)
+        payload = torch.empty(sum(_aligned(n) for _, n in sizes), dtype=torch.uint8)
+        dist.recv(payload, src=owner, group=self.group, tag=tag)
+        values = self._decode(requests, sizes, payload, lens_all)
+        return lambda: values
+
+    def _decode(self, requests: Request, sizes: list[tuple[int, int]], payload: torch.Tensor,
+                lens_all: torch.Tensor) -> list[ColumnValue]:  # fmt: skip
+        out: list[ColumnValue] = []
+        offset = lpos = 0
+        for (col, slots), (num_rows, nbytes) in zip(requests, sizes, strict=True):
+            spec = self.schema.spec(col)
+            seg = payload[offset : offset + nbytes].view(spec.torch_dtype)
+            offset += _aligned(nbytes)
+            if spec.ragged:
+                lens = lens_all[lpos : lpos + len(slots)]
+                lpos += len(slots)
+                offsets = torch.zeros(len(slots) + 1, dtype=torch.int64)
+                torch.cumsum(lens, 0, out=offsets[1:])
+                out.append(Ragged(seg.view(num_rows, *spec.shape[1:]), offsets))
+            else:
+                out.append(seg.view(len(slots), *spec.shape))
+        return out
+
+    def close(self) -> None:
+        """Collective: stop every rank's serving thread (each rank stops its successor's)."""
+        dist.barrier(group=self.group)
+        if len(self.ranks) > 1:
+            me = self.ranks.index(self.rank)
+            nxt = self.ranks[(me + 1) % len(self.ranks)]
+            dist.send(
+                torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.int64),
+                dst=nxt,
+                group=self.group,
+                tag=_TAG_REQ,
+            )
+            self._thread.join(timeout=10)

@@ -1,0 +1,273 @@
+"""Multi-process queue tests: forked ranks (gloo, short timeouts), the controller hosted by the
+test process behind its socket, columns moved over shared memory or gloo point-to-point."""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from asyncflow.queue import (
+    ColumnSpec,
+    GroupSampler,
+    QueueConfig,
+    StageSpec,
+    StepSampler,
+    connect,
+    serve,
+)
+
+from ._mp import PG_TIMEOUT, run_ranks
+
+ROWS_PER_PRODUCER = 48
+
+
+def pipeline_cfg(transport, num_rows, **kw):
+    base = dict(
+        columns=[ColumnSpec("prompt", "int64", [8]), ColumnSpec("response", "int64", [16], ragged=True),
+                 ColumnSpec("reward", "float32", [])],
+        stages=[StageSpec("rollout", ["prompt"]), StageSpec("reward", ["prompt", "response"]),
+                StageSpec("train", ["prompt", "response", "reward"])],
+        capacity_rows=32, rows_per_step=num_rows, transport=transport, timeout_s=10.0,
+    )  # fmt: skip
+    base.update(kw)
+    return QueueConfig(**base)
+
+
+def _drain(client, stage, batch_size, handle):
+    """Stage loop: get this step's rows until the step is exhausted for the stage."""
+    seen = []
+    while True:
+        batch = client.get(stage, batch_size, timeout_s=10, sampler=StepSampler(0))
+        if not len(batch):
+            return seen
+        handle(batch)
+        client.ack(batch)
+        seen += batch.row_ids
+
+
+def _in_thread(fn):
+    """Run fn in a thread; `join()` re-raises its exception in the caller."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the joining thread
+            box["error"] = e
+
+    th = threading.Thread(target=target)
+    th.start()
+
+    def join():
+        th.join(20)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return join
+
+
+def _pipeline_rank(rank, world_size, cfg, address):
+    group = dist.new_group(backend="gloo", timeout=PG_TIMEOUT) if cfg.transport == "dist" else None
+    client = connect(cfg, rank, address=address, group=group)
+    seen = {}
+    if rank < 2:  # producer of prompts, with the reward stage running in a second thread
+
+        def reward(batch):
+            resp = batch.columns["response"]
+            for p, r in zip(batch.columns["prompt"], resp.rows(), strict=True):
+                assert torch.equal(r, p.repeat(2)[: r.shape[0]] + 1), "response corrupted"
+            client.put({"reward": resp.lengths.float()}, rows=batch.row_ids)
+
+        join = _in_thread(lambda: _drain(client, "reward", 5, reward))
+        for i in range(0, ROWS_PER_PRODUCER, 8):
+            base = (rank * ROWS_PER_PRODUCER + i) * 100
+            prompt = base + torch.arange(64).view(8, 8) // 8 * 100 + torch.arange(8)
+            client.put({"prompt": prompt}, timeout_s=10)
+        seen["reward"] = join()
+    else:  # rollout and train, each in its own thread
+
+        def rollout(batch):
+            resp = [p.repeat(2)[: 1 + int(p[0] // 100) % 16] + 1 for p in batch.columns["prompt"]]
+            client.put({"response": resp}, rows=batch.row_ids, policy_versions=[rank] * len(batch))
+
+        def train(batch):
+            assert torch.equal(batch.columns["reward"], batch.columns["response"].lengths.float())
+
+        join = _in_thread(lambda: _drain(client, "train", 6, train))
+        seen["rollout"] = _drain(client, "rollout", 7, rollout)
+        seen["train"] = join()
+    if group is not None:
+        dist.barrier(group=group)  # nobody closes the data plane while a peer may still pull
+    client.close()
+    return seen
+
+
+@pytest.mark.parametrize("transport", ["shm", "dist"])
+def test_every_row_reaches_every_stage_exactly_once(transport):
+    num_rows = 2 * ROWS_PER_PRODUCER
+    cfg = pipeline_cfg(transport, num_rows)
+    server = serve(cfg)
+    try:
+        out = run_ranks(_pipeline_rank, 4, cfg=cfg, address=server.address)
+    finally:
+        server.close()
+    for stage in ("rollout", "reward", "train"):
+        rows = [r for res in out.values() for r in res.get(stage, [])]
+        assert sorted(rows) == list(range(num_rows)), stage
+    assert server.controller.stats()["num_rows"] == 0  # everything freed
+
+
+def _killed_rank(rank, world_size, cfg, address):
+    client = connect(cfg, rank, address=address)
+    if rank == 0:
+        client.put({"prompt": torch.arange(16 * 8).view(16, 8)})
+        dist.barrier()  # rows are in
+        dist.barrier()  # rank 1 holds a lease
+        got = []
+        while len(got) < 16:
+            batch = client.get("rollout", 16, timeout_s=5)
+            assert len(batch), f"rows lost: only {sorted(got)} delivered"
+            client.ack(batch)
+            got += batch.row_ids
+        client.close()
+        return got
+    dist.barrier()
+    batch = client.get("rollout", 5, timeout_s=5)
+    assert len(batch) == 5
+    dist.barrier()
+    os._exit(0)  # die holding the lease: no ack, no close
+
+
+def test_killed_consumer_rows_are_redelivered():
+    cfg = pipeline_cfg("shm", 16, stages=[StageSpec("rollout", ["prompt"])])
+    server = serve(cfg)
+    try:
+        out = run_ranks(_killed_rank, 2, may_die=(1,), cfg=cfg, address=server.address)
+    finally:
+        server.close()
+    assert sorted(out[0]) == list(range(16))  # each row exactly once, the dead rank's 5 included
+
+
+def _wake_rank(rank, world_size, cfg, address):
+    client = connect(cfg, rank, address=address)
+    lat = []
+    for i in range(10):
+        dist.barrier()
+        if rank == 0:
+            time.sleep(0.05)  # let rank 1 park in get
+            t_put = time.time()
+            client.put({"prompt": torch.full((1, 8), i)})
+            lat.append(t_put)
+        else:
+            batch = client.get("rollout", 1, timeout_s=5)
+            lat.append(time.time())
+            assert int(batch.columns["prompt"][0, 0]) == i
+            client.ack(batch)
+    dist.barrier()
+    client.close()
+    return lat
+
+
+def test_blocking_get_wakes_within_milliseconds_of_put():
+    cfg = pipeline_cfg("shm", 10, stages=[StageSpec("rollout", ["prompt"])])
+    server = serve(cfg)
+    try:
+        out = run_ranks(_wake_rank, 2, cfg=cfg, address=server.address)
+    finally:
+        server.close()
+    delays_ms = sorted((w - p) * 1e3 for p, w in zip(out[0], out[1], strict=True))
+    assert all(d > 0 for d in delays_ms)
+    assert delays_ms[len(delays_ms) // 2] < 5.0, delays_ms  # median: a put wakes a parked get fast
+    assert delays_ms[-1] < 50.0, delays_ms
+
+
+def _capacity_rank(rank, world_size, cfg, address):
+    client = connect(cfg, rank, address=address)
+    if rank == 0:
+        client.put({"prompt": torch.zeros(4, 8, dtype=torch.int64)})
+        dist.barrier()
+        t0 = time.time()
+        client.put({"prompt": torch.ones(2, 8, dtype=torch.int64)}, timeout_s=5)  # blocks: full
+        result = t0, time.time()
+    else:
+        dist.barrier()
+        time.sleep(0.3)
+        t_ack = time.time()
+        client.ack(client.get("rollout", 2, timeout_s=5))
+        result = t_ack
+    dist.barrier()
+    client.close()
+    return result
+
+
+def test_capacity_blocks_put_until_a_stage_frees_rows():
+    cfg = pipeline_cfg("shm", 6, capacity_rows=4, stages=[StageSpec("rollout", ["prompt"])])
+    server = serve(cfg)
+    try:
+        out = run_ranks(_capacity_rank, 2, cfg=cfg, address=server.address)
+    finally:
+        server.close()
+    t0, t_done = out[0]
+    t_ack = out[1]
+    assert t_done >= t_ack and t_done - t0 >= 0.25  # blocked until the ack freed rows
+    assert t_done - t_ack < 0.1  # and released promptly
+    assert server.controller.stats()["num_rows"] == 4
+
+
+GROUP, NUM_GROUPS = 4, 6
+
+
+def _sampler_rank(rank, world_size, cfg, address):
+    client = connect(cfg, rank, address=address)
+    if rank == 0:  # producer, then the advantage stage (whole groups only)
+        for g in range(NUM_GROUPS):
+            client.put({"prompt": torch.full((GROUP, 8), g)}, group_ids=[g] * GROUP,
+                       num_tokens=[10 * (g + 1) + i for i in range(GROUP)])  # fmt: skip
+        batches = []
+        while True:
+            b = client.get("advantage", 6, timeout_s=10, sampler=GroupSampler())
+            assert len(b) == GROUP, f"group sampler returned {len(b)} rows: {b.group_ids}"
+            batches.append(b.group_ids)
+            client.put({"reward": torch.zeros(len(b))}, rows=b.row_ids)
+            client.ack(b)
+            if len(batches) == NUM_GROUPS:
+                break
+        result = batches
+    else:  # a data-parallel train mesh of 2 ranks
+        result = []
+        while True:
+            b = client.get_balanced("train", rank - 1, 2, 4, timeout_s=10, sampler=StepSampler(0))
+            result.append((b.row_ids, sum(b.num_tokens)))
+            if not len(b):
+                break
+            client.ack(b)
+    dist.barrier()
+    client.close()
+    return result
+
+
+def test_group_and_dp_balanced_samplers_keep_their_promises():
+    cfg = pipeline_cfg(
+        "shm", GROUP * NUM_GROUPS, group_size=GROUP,
+        stages=[StageSpec("advantage", ["prompt"]), StageSpec("train", ["prompt", "reward"])],
+    )  # fmt: skip
+    server = serve(cfg)
+    try:
+        out = run_ranks(_sampler_rank, 3, cfg=cfg, address=server.address)
+    finally:
+        server.close()
+    assert all(len(set(g)) == 1 for g in out[0]) and sorted(g[0] for g in out[0]) == list(
+        range(NUM_GROUPS)
+    )
+    r1, r2 = out[1], out[2]
+    assert len(r1) == len(r2)  # same number of micro-batches on every rank of the mesh
+    for (rows1, tok1), (rows2, tok2) in zip(r1, r2, strict=True):
+        assert abs(len(rows1) - len(rows2)) <= 1
+        if rows1 and rows2:
+            assert abs(tok1 - tok2) <= 40, (tok1, tok2)
+    rows = [r for rows, _ in r1 + r2 for r in rows]
+    assert sorted(rows) == list(range(GROUP * NUM_GROUPS))

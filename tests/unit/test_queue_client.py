@@ -1,0 +1,243 @@
+"""Client + storage + transports in one process: local (zero-copy) and shared memory via the
+socket server, ragged columns, bad input, storage checkpoints."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+from asyncflow.queue import (
+    ColumnSpec,
+    Controller,
+    QueueConfig,
+    Ragged,
+    StageSpec,
+    connect,
+    serve,
+)
+from asyncflow.queue.server import recv_frame, send_frame
+
+
+def make_cfg(transport="shm", **kw):
+    base = dict(
+        columns=[ColumnSpec("prompt", "int64", [4]), ColumnSpec("response", "int64", [6], ragged=True),
+                 ColumnSpec("logprob", "float32", [3])],
+        stages=[StageSpec("rollout", ["prompt"]), StageSpec("train", ["prompt", "response", "logprob"])],
+        capacity_rows=8, transport=transport, timeout_s=5.0,
+    )  # fmt: skip
+    base.update(kw)
+    return QueueConfig(**base)
+
+
+@pytest.fixture
+def shm_pair():
+    cfg = make_cfg()
+    server = serve(cfg)
+    a, b = connect(cfg, 0, address=server.address), connect(cfg, 1, address=server.address)
+    yield a, b
+    a.close()
+    b.close()
+    server.close()
+
+
+def test_local_transport_is_zero_copy_for_rows_put_together():
+    cfg = make_cfg("local")
+    client = connect(cfg, 0, controller=Controller(cfg))
+    prompt = torch.arange(12).view(3, 4)
+    client.put({"prompt": prompt})
+    batch = client.get("rollout", 3, timeout_s=0)
+    assert batch.columns["prompt"].data_ptr() == prompt.data_ptr()
+    assert torch.equal(batch.columns["prompt"], prompt)
+    client.close()
+
+
+def test_stream_two_stages_over_shared_memory(shm_pair):
+    producer, worker = shm_pair
+    prompt = torch.arange(20).view(5, 4)
+    ids = producer.put({"prompt": prompt}, step=3)
+    got = worker.get("rollout", 8, timeout_s=1)
+    assert got.row_ids == ids and got.steps == [3] * 5
+    assert torch.equal(got.columns["prompt"], prompt)
+    responses = [torch.arange(n) for n in (1, 6, 3, 2, 4)]
+    worker.put(
+        {"response": responses, "logprob": torch.rand(5, 3)},
+        rows=got.row_ids,
+        policy_versions=[7] * 5,
+    )
+    worker.ack(got)
+    train = producer.get("train", 8, timeout_s=1)
+    assert train.policy_versions == [7] * 5
+    resp = train.columns["response"]
+    assert isinstance(resp, Ragged) and [r.tolist() for r in resp.rows()] == [
+        r.tolist() for r in responses
+    ]
+    assert resp.padded(-1).shape == (5, 6) and resp.padded(-1)[0, 1] == -1
+    assert torch.equal(train.columns["prompt"], prompt)  # prompt from rank 0, response from rank 1
+    producer.ack(train)
+    assert producer.stats()["num_rows"] == 0
+
+
+def test_freed_slots_are_reused(shm_pair):
+    producer, consumer = shm_pair
+    cfg_stages = ["rollout", "train"]
+    for round_ in range(5):  # 5 x 4 rows through a capacity of 8
+        ids = producer.put({"prompt": torch.full((4, 4), round_), "response": [torch.ones(2, dtype=torch.int64)] * 4,
+                            "logprob": torch.zeros(4, 3)}, timeout_s=1)  # fmt: skip
+        for stage in cfg_stages:
+            b = consumer.get(stage, 4, timeout_s=1)
+            assert b.row_ids == ids and bool((b.columns["prompt"] == round_).all())
+            consumer.ack(b)
+    assert producer.stats()["num_rows"] == 0
+
+
+def test_killed_connection_returns_leases():
+    cfg = make_cfg()
+    server = serve(cfg)
+    producer = connect(cfg, 0, address=server.address)
+    doomed = connect(cfg, 1, address=server.address)
+    ids = producer.put({"prompt": torch.zeros(3, 4, dtype=torch.int64)})
+    assert doomed.get("rollout", 3, timeout_s=1).row_ids == ids
+    doomed.control.close()  # the consumer vanishes without acking
+    again = producer.get("rollout", 3, timeout_s=2)
+    assert again.row_ids == ids
+    producer.close()
+    doomed.storage.close()
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "columns, match",
+    [
+        ({"nope": torch.zeros(2, 4)}, "unknown column"),
+        ({"prompt": torch.zeros(2, 5, dtype=torch.int64)}, "contradicts schema"),
+        ({"prompt": torch.zeros(2, 4, dtype=torch.int32)}, "dtype"),
+        ({"response": [torch.zeros(7, dtype=torch.int64)]}, "contradicts schema"),
+        ({"response": torch.zeros(2, 6, dtype=torch.int64)}, "ragged"),
+        ({"prompt": torch.zeros(2, 4, dtype=torch.int64), "logprob": torch.zeros(3, 3)}, "rows"),
+    ],
+)
+def test_bad_put_refused_and_queue_unchanged(shm_pair, columns, match):
+    producer, _ = shm_pair
+    producer.put({"prompt": torch.zeros(1, 4, dtype=torch.int64)})
+    before, free_before = producer.stats(), producer.storage.num_free_slots
+    with pytest.raises(ValueError, match=match):
+        producer.put(columns)
+    assert producer.stats() == before and producer.storage.num_free_slots == free_before
+
+
+def test_put_to_freed_row_refused_and_storage_rolled_back():
+    cfg = make_cfg(stages=[StageSpec("rollout", ["prompt"])])
+    server = serve(cfg)
+    client = connect(cfg, 0, address=server.address)
+    ids = client.put({"prompt": torch.zeros(2, 4, dtype=torch.int64)})
+    client.ack(client.get("rollout", 2, timeout_s=1))
+    client.stats()  # the freed list rides on this reply
+    free_before = client.storage.num_free_slots
+    with pytest.raises(ValueError, match="already freed"):
+        client.put({"logprob": torch.zeros(2, 3)}, rows=ids)
+    assert client.storage.num_free_slots == free_before == cfg.capacity_rows
+    with pytest.raises(ValueError, match="batch_size=0"):
+        client.get("rollout", 0)
+    with pytest.raises(ValueError, match="unknown stage"):
+        client.get("nobody", 4)
+    client.close()
+    server.close()
+
+
+def test_put_blocks_when_full_and_times_out():
+    cfg = make_cfg(capacity_rows=2)
+    server = serve(cfg)
+    client = connect(cfg, 0, address=server.address)
+    client.put({"prompt": torch.zeros(2, 4, dtype=torch.int64)})
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="queue full"):
+        client.put({"prompt": torch.zeros(1, 4, dtype=torch.int64)}, timeout_s=0.1)
+    assert 0.1 <= time.monotonic() - t0 < 1.0
+    client.close()
+    server.close()
+
+
+def test_storage_and_controller_checkpoint_roundtrip(tmp_path):
+    cfg = make_cfg()
+    ctl = Controller(cfg)
+    client = connect(cfg, 0, controller=ctl)
+    prompt = torch.arange(8).view(2, 4)
+    client.put(
+        {
+            "prompt": prompt,
+            "response": [torch.arange(3), torch.arange(5)],
+            "logprob": torch.ones(2, 3),
+        }
+    )
+    torch.save({"ctl": ctl.state_dict(), "storage": client.state_dict()}, tmp_path / "q.pt")
+    client.close()
+
+    ctl2 = Controller(cfg)
+    client2 = connect(cfg, 0, controller=ctl2)
+    state = torch.load(tmp_path / "q.pt")
+    ctl2.load_state_dict(state["ctl"])
+    client2.load_state_dict(state["storage"])
+    batch = client2.get("train", 4, timeout_s=0)
+    assert torch.equal(batch.columns["prompt"], prompt)
+    assert batch.columns["response"].lengths.tolist() == [3, 5]
+    client2.close()
+
+
+def test_control_socket_refuses_untyped_requests():
+    cfg = make_cfg()
+    server = serve(cfg)
+    assert server.address[0] == "127.0.0.1"
+    sock = socket.create_connection(server.address)
+    send_frame(sock, {"op": "hello", "rank": 0})
+    assert recv_frame(sock)["ok"]
+    send_frame(sock, {"op": "get", "args": {"stage": "rollout", "batch_size": "4"}})
+    reply = recv_frame(sock)
+    assert not reply["ok"] and "batch_size" in reply["message"]
+    send_frame(sock, {"op": "__import__", "args": {}})
+    assert "unknown op" in recv_frame(sock)["message"]
+    sock.close()
+    server.close()
+
+
+def test_startup_under_one_second():
+    cfg = make_cfg()
+    t0 = time.monotonic()
+    server = serve(cfg)
+    client = connect(cfg, 0, address=server.address)
+    client.put({"prompt": torch.zeros(1, 4, dtype=torch.int64)})
+    elapsed = time.monotonic() - t0
+    session = client.control.session
+    client.close()
+    server.close()
+    assert elapsed < 1.0
+    assert not [f for f in os.listdir("/dev/shm") if session in f], "slab files left behind"
+
+
+def test_stream_prefetches_in_order_and_gives_back_unconsumed_batches(shm_pair):
+    producer, consumer = shm_pair
+    ids = producer.put({"prompt": torch.arange(32).view(8, 4)})
+    seen = []
+    for batch in consumer.stream("rollout", 2, prefetch=2, timeout_s=0.2):
+        seen += batch.row_ids
+        consumer.ack(batch)
+        if len(seen) == 4:
+            break  # stop early: the prefetched batches must go back to the queue
+    assert seen == ids[:4]
+    rest = []
+    for batch in consumer.stream("rollout", 8, timeout_s=0.5):
+        rest += batch.row_ids
+        consumer.ack(batch)
+    assert sorted(rest) == ids[4:]
+    with pytest.raises(ValueError, match="prefetch=0"):
+        next(consumer.stream("rollout", 2, prefetch=0))
+
+
+def test_shm_owner_not_on_this_host_is_an_error_and_rows_go_back(shm_pair):
+    producer, consumer = shm_pair
+    producer.put({"prompt": torch.zeros(2, 4, dtype=torch.int64)})
+    producer.storage.close()  # the slab files vanish, as if rank 0 lived on another host
+    with pytest.raises(ValueError, match="transport='dist' across hosts"):
+        consumer.get("rollout", 2, timeout_s=1)
+    assert consumer.stats()["ready/rollout"] == 2  # the lease was given back

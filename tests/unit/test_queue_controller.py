@@ -1,0 +1,253 @@
+"""Controller semantics, single process: readiness, leases, samplers, capacity, errors, state."""
+
+import threading
+import time
+
+import pytest
+
+from asyncflow.queue import (
+    ColumnSpec,
+    Controller,
+    GroupSampler,
+    QueueConfig,
+    StageSpec,
+    StepSampler,
+    balance_by_tokens,
+)
+
+
+def make_cfg(**kw):
+    base = dict(
+        columns=[ColumnSpec("prompt", "int64", [4]), ColumnSpec("response", "int64", [8], ragged=True),
+                 ColumnSpec("reward", "float32", [])],
+        stages=[StageSpec("rollout", ["prompt"]), StageSpec("reward", ["response"]),
+                StageSpec("train", ["prompt", "response", "reward"])],
+        capacity_rows=16,
+    )  # fmt: skip
+    base.update(kw)
+    return QueueConfig(**base)
+
+
+def put(ctl, n, cols=("prompt",), step=0, group_ids=None, consumer="p", versions=None):
+    ids = ctl.reserve(consumer, n, step=step, group_ids=group_ids)
+    ctl.commit(consumer, 0, ids, list(cols), ids, policy_versions=versions)
+    return ids
+
+
+def test_row_reaches_stage_only_when_all_needed_columns_ready():
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 2)
+    assert ctl.num_ready("rollout") == 2 and ctl.num_ready("train") == 0
+    ctl.commit("p", 0, ids, ["response"], ids)
+    assert ctl.num_ready("reward") == 2 and ctl.num_ready("train") == 0
+    ctl.commit("p", 0, ids[:1], ["reward"], ids[:1])
+    g = ctl.get("c", "train", 8, timeout_s=0)
+    assert g.row_ids == ids[:1]
+    assert set(g.locations) == {"prompt", "response", "reward"}
+
+
+def test_fifo_order_and_lease_excludes_rows_from_other_gets_of_same_stage():
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 5)
+    a = ctl.get("c1", "rollout", 3, timeout_s=0)
+    b = ctl.get("c2", "rollout", 3, timeout_s=0)
+    assert a.row_ids == ids[:3] and b.row_ids == ids[3:]
+    assert ctl.get("c3", "rollout", 3, timeout_s=0).row_ids == []
+
+
+def test_nack_and_expire_return_rows_to_front():
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 4)
+    a = ctl.get("c1", "rollout", 2, timeout_s=0)
+    ctl.nack(a.lease_id)
+    assert ctl.get("c2", "rollout", 2, timeout_s=0).row_ids == ids[:2]
+    b = ctl.get("c3", "rollout", 2, timeout_s=0)
+    assert ctl.expire_consumer("c3") == 2
+    assert ctl.get("c4", "rollout", 4, timeout_s=0).row_ids == b.row_ids
+    with pytest.raises(ValueError, match="not held"):
+        ctl.ack(b.lease_id)  # the expired consumer's late ack is refused
+
+
+def test_row_freed_after_every_stage_acked_and_owner_told():
+    ctl = Controller(make_cfg(stages=[StageSpec("a", ["prompt"]), StageSpec("b", ["prompt"])]))
+    ids = put(ctl, 2)
+    ctl.ack(ctl.get("c", "a", 2, timeout_s=0).lease_id)
+    assert ctl.stats()["num_rows"] == 2 and ctl.take_freed(0) == []
+    ctl.ack(ctl.get("c", "b", 2, timeout_s=0).lease_id)
+    assert ctl.stats()["num_rows"] == 0
+    assert sorted(ctl.take_freed(0)) == [(i, i) for i in ids]
+
+
+def test_blocking_get_wakes_on_commit():
+    ctl = Controller(make_cfg())
+    got = {}
+
+    def consumer():
+        got["grant"] = ctl.get("c", "rollout", 4, timeout_s=5)
+        got["t_woken"] = time.monotonic()
+
+    th = threading.Thread(target=consumer)
+    th.start()
+    time.sleep(0.1)
+    t_put = time.monotonic()
+    put(ctl, 1)
+    th.join(5)
+    assert len(got["grant"].row_ids) == 1
+    assert got["t_woken"] - t_put < 0.05  # woken by the commit, not by the 5 s timeout
+
+
+def test_get_timeout_returns_empty_grant():
+    ctl = Controller(make_cfg())
+    t0 = time.monotonic()
+    g = ctl.get("c", "rollout", 4, timeout_s=0.05)
+    assert g.row_ids == [] and g.lease_id == -1 and time.monotonic() - t0 >= 0.05
+
+
+def test_min_rows_waits_for_enough_rows():
+    ctl = Controller(make_cfg())
+    put(ctl, 2)
+    assert ctl.get("c", "rollout", 4, timeout_s=0, min_rows=3).row_ids == []
+    put(ctl, 1)
+    assert len(ctl.get("c", "rollout", 4, timeout_s=0, min_rows=3).row_ids) == 3
+
+
+def test_capacity_blocks_put_until_rows_freed():
+    ctl = Controller(make_cfg(capacity_rows=4, stages=[StageSpec("a", ["prompt"])]))
+    put(ctl, 4)
+    with pytest.raises(TimeoutError, match="queue full"):
+        ctl.reserve("p", 1, timeout_s=0.05)
+    done = {}
+
+    def producer():
+        done["ids"] = ctl.reserve("p", 2, timeout_s=5)
+
+    th = threading.Thread(target=producer)
+    th.start()
+    time.sleep(0.05)
+    assert "ids" not in done
+    ctl.ack(ctl.get("c", "a", 2, timeout_s=0).lease_id)
+    th.join(5)
+    assert done["ids"] == [4, 5]
+
+
+def test_group_sampler_returns_only_whole_groups():
+    ctl = Controller(make_cfg(group_size=3))
+    put(ctl, 2, group_ids=[7, 7])
+    put(ctl, 3, group_ids=[8, 8, 8])
+    g = ctl.get("c", "rollout", 5, timeout_s=0, sampler=GroupSampler())
+    assert sorted(g.group_ids) == [8, 8, 8]
+    assert ctl.get("c", "rollout", 5, timeout_s=0, sampler=GroupSampler()).row_ids == []
+    put(ctl, 1, group_ids=[7])
+    g = ctl.get("c", "rollout", 5, timeout_s=0, sampler=GroupSampler())
+    assert sorted(g.group_ids) == [7, 7, 7]
+    with pytest.raises(ValueError, match="group_size"):
+        ctl.get("c", "rollout", 2, sampler=GroupSampler())
+    with pytest.raises(ValueError, match="would hold 4 rows"):
+        ctl.reserve("p", 1, group_ids=[8])
+
+
+def test_step_sampler_returns_rest_of_step_then_empty_at_once():
+    ctl = Controller(make_cfg(rows_per_step=3))
+    put(ctl, 2, step=0)
+    put(ctl, 3, step=1)
+    put(ctl, 1, step=0)
+    g = ctl.get("c", "rollout", 8, timeout_s=0, sampler=StepSampler(0), min_rows=8)
+    assert g.steps == [0, 0, 0]  # min_rows capped by the rows left in the step
+    t0 = time.monotonic()
+    done = ctl.get("c", "rollout", 8, timeout_s=5, sampler=StepSampler(0))
+    assert done.row_ids == [] and done.exhausted  # the step is done, not a timeout
+    assert time.monotonic() - t0 < 1.0
+    timed_out = ctl.get("c", "rollout", 8, timeout_s=0.05, sampler=StepSampler(2))
+    assert timed_out.row_ids == [] and not timed_out.exhausted
+
+
+def test_staleness_filter_drops_old_versions_for_that_stage_only():
+    ctl = Controller(make_cfg(stages=[StageSpec("a", ["prompt"]), StageSpec("b", ["prompt"])]))
+    put(ctl, 2, versions=[1, 1])
+    put(ctl, 2, versions=[3, 3])
+    g = ctl.get("c", "a", 8, timeout_s=0, min_policy_version=2)
+    assert g.policy_versions == [3, 3]
+    assert ctl.stats()["num_dropped_stale"] == 2
+    assert len(ctl.get("c", "b", 8, timeout_s=0).row_ids) == 4
+
+
+def test_balance_by_tokens_equal_counts_and_close_sums():
+    tokens = [8, 7, 6, 5, 4, 3, 2, 1]
+    parts = balance_by_tokens(list(range(8)), tokens, 2)
+    assert sorted(len(p) for p in parts) == [4, 4]
+    assert [sum(tokens[i] for i in p) for p in parts] == [18, 18]
+    naive = [sum(tokens[:4]), sum(tokens[4:])]  # what taking rows in order would give: 26 vs 10
+    assert naive == [26, 10]
+    assert sorted(len(p) for p in balance_by_tokens(list(range(5)), [1] * 5, 3)) == [1, 2, 2]
+
+
+def test_get_balanced_answers_all_ranks_together():
+    ctl = Controller(make_cfg())
+    ids = ctl.reserve("p", 8)
+    ctl.commit("p", 0, ids, ["prompt"], ids, num_tokens=[50, 40, 30, 20, 10, 5, 5, 5])
+    out = {}
+
+    def rank(r):
+        out[r] = ctl.get_balanced(f"c{r}", "rollout", r, 2, 4, timeout_s=5)
+
+    ths = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(5)
+    assert len(out[0].row_ids) == len(out[1].row_ids) == 4
+    assert sorted(out[0].row_ids + out[1].row_ids) == ids
+    assert abs(sum(out[0].num_tokens) - sum(out[1].num_tokens)) <= 10
+
+
+def test_get_balanced_round_times_out_empty_for_everyone():
+    ctl = Controller(make_cfg())
+    put(ctl, 4)
+    assert ctl.get_balanced("c0", "rollout", 0, 2, 4, timeout_s=0.05).row_ids == []
+    # rank 1 arrives late for round 0: the round was cancelled, it gets an empty batch too
+    assert ctl.get_balanced("c1", "rollout", 1, 2, 4, timeout_s=0.05).row_ids == []
+    assert ctl.num_ready("rollout") == 4
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c: c.commit("p", 0, [0], ["nope"], [0]), "unknown column"),
+        (lambda c: c.get("c", "nope", 4), "unknown stage"),
+        (lambda c: c.get("c", "rollout", 0), "batch_size=0"),
+        (lambda c: c.get("c", "rollout", 4, min_rows=5), "min_rows=5"),
+        (lambda c: c.get("c", "rollout", 4, columns=["reward"]), "does not wait for"),
+        (lambda c: c.commit("p", 0, [0], ["prompt"], [0]), "already stored"),
+        (lambda c: c.commit("p", 0, [99], ["prompt"], [0]), "never reserved"),
+        (lambda c: c.reserve("p", 17), "num_rows=17"),
+        (lambda c: c.ack(12345), "not held"),
+    ],
+)
+def test_bad_input_refused_and_state_unchanged(call, match):
+    ctl = Controller(make_cfg())
+    put(ctl, 2)
+    before = ctl.state_dict()
+    with pytest.raises(ValueError, match=match):
+        call(ctl)
+    assert ctl.state_dict() == before
+
+
+def test_put_to_freed_row_refused():
+    ctl = Controller(make_cfg(stages=[StageSpec("a", ["prompt"])]))
+    ids = put(ctl, 1)
+    ctl.ack(ctl.get("c", "a", 1, timeout_s=0).lease_id)
+    with pytest.raises(ValueError, match="already freed"):
+        ctl.commit("p", 0, ids, ["response"], ids)
+
+
+def test_state_dict_roundtrip_redelivers_leased_rows():
+    ctl = Controller(make_cfg(rows_per_step=4))
+    ids = put(ctl, 4)
+    leased = ctl.get("c", "rollout", 2, timeout_s=0)
+    ctl.ack(ctl.get("c", "rollout", 1, timeout_s=0).lease_id)
+    state = ctl.state_dict()
+    new = Controller(make_cfg(rows_per_step=4))
+    new.load_state_dict(state)
+    assert new.get("c", "rollout", 8, timeout_s=0).row_ids == leased.row_ids + [ids[3]]
+    assert new.reserve("p", 1) == [4]  # row ids continue, never reused
+    assert new.get("c", "rollout", 8, timeout_s=0, sampler=StepSampler(0)).row_ids == []
