@@ -58,16 +58,17 @@ class ConsoleSink:
         self.total, self.t0 = total_steps, time.perf_counter()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        done = step + 1
+        done = min(step + 1, self.total)
         eta = (time.perf_counter() - self.t0) / done * (self.total - done)
-        parts = [f"step {done}/{self.total}"]
+        parts = [f"step {done}/{self.total}" if step < self.total else "final"]
         for key, label, fmt in (("reward/mean", "reward", ".3f"),
                                 ("eval/accuracy", "eval acc", ".3f"),
                                 ("perf/tokens_per_s", "tok/s", ".0f"),
                                 ("staleness/max", "stale", ".0f")):
             if key in metrics and metrics[key] is not None:
                 parts.append(f"{label} {metrics[key]:{fmt}}")
-        parts.append(f"ETA {eta:.0f}s")
+        parts.append(f"ETA {eta:.0f}s" if step < self.total else
+                     f"{time.perf_counter() - self.t0:.0f}s in all")
         logger.info(" | ".join(parts))
 
     def close(self) -> None:

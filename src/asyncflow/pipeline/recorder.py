@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from asyncflow.log import get_logger
 from asyncflow.metrics import MetricSink
+from asyncflow.metrics.trace import Tracer
 
 logger = get_logger(__name__)
 
@@ -39,12 +42,28 @@ def _merge(into: dict[str, list], part: dict[str, list]) -> None:
             into[name][1] = a
 
 
-def _finalise(entries: dict[str, list]) -> dict[str, float]:
+ROLLOUT_WORK = ("rollout", "reward", "eval")
+TRAIN_WORK = ("train", "advantage", "reference")
+
+
+def _finalise(entries: dict[str, list], mesh_sizes: dict[str, int]) -> dict[str, float]:
     out = {}
     for name, (kind, a, b) in entries.items():
         out[name] = a / b if kind == "mean" and b else (a if kind != "mean" else None)
-    if out.get("perf/step_time_s") and "rollout/generated_tokens" in out:
-        out["perf/tokens_per_s"] = out["rollout/generated_tokens"] / out["perf/step_time_s"]
+    period = out.get("perf/step_time_s")
+    if period:
+        if "rollout/generated_tokens" in out:
+            out["perf/tokens_per_s"] = out["rollout/generated_tokens"] / period
+        # idle fraction of a mesh: 1 - (busy seconds of its stages) / (period x its ranks)
+        if mesh_sizes.get("colocated"):
+            work = {"all": (ROLLOUT_WORK + TRAIN_WORK, mesh_sizes["colocated"])}
+        else:
+            work = {"rollout": (ROLLOUT_WORK, mesh_sizes.get("rollout", 0)),
+                    "train": (TRAIN_WORK, mesh_sizes.get("train", 0))}
+        for mesh, (stages, n) in work.items():
+            if n:
+                busy = sum(out.get(f"time/{s}_s", 0.0) for s in stages)
+                out[f"idle/{mesh}"] = max(0.0, 1.0 - busy / (period * n))
     return dict(sorted(out.items()))
 
 
@@ -52,8 +71,12 @@ class StepRecorder:
     """One per rank. Thread-safe; stages on different threads record concurrently."""
 
     def __init__(self, stages: list[str], group: dist.ProcessGroup | None,
-                 sinks: list[MetricSink] | None = None):
+                 sinks: list[MetricSink] | None = None, tracer: Tracer | None = None,
+                 mesh_sizes: dict[str, int] | None = None):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.tracer = tracer or Tracer(self.rank, enabled=False)
+        self.mesh_sizes = mesh_sizes or {}
+        """rank 0: {"rollout": n, "train": n} or {"colocated": n}, for idle fractions."""
         self.world = dist.get_world_size(group) if group is not None else 1
         self.group = group
         self.stages = set(stages)
@@ -89,6 +112,15 @@ class StepRecorder:
 
     def set(self, step: int, name: str, value: float) -> None:
         self._put(step, name, "set", value)
+
+    @contextmanager
+    def span(self, step: int, stage: str, name: str):
+        """Time a piece of work: a trace span, and `time/<stage>_s` summed over the step (the
+        busy time that idle fractions are computed from)."""
+        t0 = time.perf_counter()
+        with self.tracer.span(name, stage, step=step):
+            yield
+        self.total(step, f"time/{stage}_s", time.perf_counter() - t0)
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
         """Values that are already per-step figures (e.g. a train step's grad norm)."""
@@ -141,7 +173,7 @@ class StepRecorder:
                     self._next_write += 1  # a step no rank recorded anything for
                     continue
                 return
-            record = _finalise(self._merged.pop(step, {}))
+            record = _finalise(self._merged.pop(step, {}), self.mesh_sizes)
             self._reported.pop(step, None)
             for sink in self.sinks:
                 sink.write(step, record)

@@ -16,6 +16,7 @@ Strategies: `broadcast` (torch.distributed on the sync group; NCCL for CUDA tens
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class WeightSyncConfig:
     """`broadcast` (torch.distributed) or `disk` (safetensors files in the run directory)."""
     bucket_mb: float = 256.0
     """Largest bucket broadcast at once, in MiB."""
+    background: bool = True
+    """Delayed parameter update: send from a background thread while training goes on (the
+    train rank keeps one gathered copy of the weights for it)."""
 
     def __post_init__(self):
         if self.kind not in _KINDS:
@@ -177,6 +181,39 @@ class LocalSync:
             local_engine.load_weights(named)
             local_engine.commit_weights(version)
         return {"weights/send_s": time.perf_counter() - t0, "weights/bytes": 0.0}
+
+
+class BackgroundSender:
+    """Delayed parameter update: the train rank hands a gathered copy of the weights to a thread
+    that broadcasts it while training goes on. At most one send is in flight: `submit` first waits
+    for the previous one. `done(version, metrics)` is called on the sending thread."""
+
+    def __init__(self, sync, done):
+        self.sync, self.done = sync, done
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, named: list[tuple[str, torch.Tensor]], version: int) -> float:
+        """Start sending; returns the seconds spent waiting for the previous send."""
+        t0 = time.perf_counter()
+        self.wait()
+
+        def body():
+            try:
+                self.done(version, self.sync.send(named, version))
+            except BaseException as e:  # re-raised on the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=body, name=f"weights-send-v{version}", daemon=True)
+        self._thread.start()
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise RuntimeError("background weight send failed") from self._error
 
 
 _KINDS = {"broadcast": BroadcastSync, "disk": DiskSync}

@@ -1,0 +1,255 @@
+"""The run's configuration: typed dataclasses composed by Hydra from `conf/` and overrides.
+
+Each component defines its own `XConfig` next to its code; this module assembles them into
+`Config`, registers the schemas with Hydra's ConfigStore (so YAML and overrides are type-checked
+and unknown keys refused), and converts the result to dataclasses once. We use Hydra's compose API
+rather than `@hydra.main`: under torchrun every rank must see the same config without Hydra
+changing directories or writing its own output folders; the run directory is ours.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from asyncflow.engines.base import RolloutEngineConfig
+from asyncflow.engines.fsdp_engine import OptimConfig, PrecisionConfig
+from asyncflow.launch.placement import PlacementConfig
+from asyncflow.metrics import MetricsConfig
+from asyncflow.tasks.base import TaskConfig
+from asyncflow.tasks.tiny import TinyModelConfig
+from asyncflow.weights import WeightSyncConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """Identity and housekeeping of one run."""
+
+    name: str | None = None
+    """Run directory name under `root`; None = timestamped (same on every rank)."""
+    root: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seeds model init, sampling and data order."""
+    timeout_s: float = 120.0
+    """Timeout of every process group and blocking queue call: a dead rank fails the run."""
+    log_level: str = "INFO"
+    """Logger level (DEBUG, INFO, WARNING)."""
+
+    def __post_init__(self):
+        if self.timeout_s <= 0:
+            raise ValueError(f"run.timeout_s={self.timeout_s} must be > 0")
+
+
+@dataclass
+class ModelSourceConfig:
+    """Which policy to start from."""
+
+    path: str | None = None
+    """HF-format directory (config.json, model.safetensors, tokenizer.json); None = tiny default."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Recipe of the tiny default model, prepared (and cached) when `path` is None."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of training completions."""
+
+    temperature: float = 1.0
+    """Softmax temperature (> 0 for RL; the loss uses the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus mass; 1 disables."""
+    top_k: int = 0
+    """Top-k; 0 disables."""
+    max_new_tokens: int = 8
+    """Longest completion."""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 for RL sampling")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """The FSDP2 policy trainer."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """FSDP2 mixed precision."""
+    micro_batch_size: int = 64
+    """Rows per forward/backward on one train rank."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"trainer.micro_batch_size={self.micro_batch_size} must be >= 1")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Advantages and policy loss (GRPO family)."""
+
+    baseline: str = "mean"
+    """Group baseline: `mean` (GRPO) or `loo` (RLOO)."""
+    normalize_std: bool = True
+    """Divide advantages by the group std (False: Dr. GRPO)."""
+    aggregation: str = "token-mean"
+    """Loss mean over `token-mean` (all tokens of the step) or `seq-mean` (per row, then rows)."""
+    clip_low: float = 0.2
+    """PPO ratio clip below 1."""
+    clip_high: float = 0.28
+    """PPO ratio clip above 1 (> clip_low: DAPO clip-higher)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling cap for behaviour mismatch; None disables."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference model; 0 disables the reference stage."""
+    kl_kind: str = "k3"
+    """KL estimator: k1, k2, k3 (low variance)."""
+    drop_flat_groups: bool = True
+    """Skip training on groups whose rewards are all equal (they carry no gradient)."""
+    proximal: bool = False
+    """Decoupled objective: clip against the trainer's current (proximal) policy and correct the
+    behaviour mismatch with an importance weight (capped by tis_cap when set)."""
+
+    def __post_init__(self):
+        if self.baseline not in ("mean", "loo"):
+            raise ValueError(f"algorithm.baseline={self.baseline!r}; use 'mean' or 'loo'")
+        if self.aggregation not in ("token-mean", "seq-mean"):
+            raise ValueError(f"algorithm.aggregation={self.aggregation!r}; "
+                             "use 'token-mean' or 'seq-mean'")
+        if self.kl_kind not in ("k1", "k2", "k3"):
+            raise ValueError(f"algorithm.kl_kind={self.kl_kind!r}; use 'k1', 'k2' or 'k3'")
+        if self.kl_coef < 0:
+            raise ValueError(f"algorithm.kl_coef={self.kl_coef} must be >= 0")
+
+
+@dataclass
+class PipelineConfig:
+    """The shape of the run: steps, batch, staleness, evaluation."""
+
+    num_steps: int = 100
+    """Optimizer steps to run."""
+    prompts_per_step: int = 32
+    """Prompts in one global batch (one optimizer step)."""
+    group_size: int = 8
+    """Completions per prompt (GRPO n)."""
+    max_staleness: int = 0
+    """eta: rollout for step s starts once its weights have version >= s - eta (0 = on-policy)."""
+    eval_every: int = 10
+    """Held-out greedy accuracy every this many steps (and at the first and last)."""
+    eval_size: int = 512
+    """Held-out prompts evaluated (the first eval_size of the task's held-out list)."""
+    streaming: bool = True
+    """Train on micro-batches as they become ready; False waits for the whole step first."""
+
+    def __post_init__(self):
+        for name in ("num_steps", "prompts_per_step", "group_size", "eval_every", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pipeline.{name}={getattr(self, name)} must be >= 1")
+        if self.max_staleness < 0:
+            raise ValueError(f"pipeline.max_staleness={self.max_staleness} must be >= 0")
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class QueueSection:
+    """Streaming queue settings (its columns and stages follow from the pipeline)."""
+
+    transport: str = "shm"
+    """Data plane between ranks: `shm` (one host) or `dist` (torch.distributed, any host)."""
+    host: str = "127.0.0.1"
+    """Address the controller's control socket binds to."""
+    port: int = 0
+    """Control socket port; 0 picks a free one."""
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    engine: RolloutEngineConfig = field(default_factory=RolloutEngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    queue: QueueSection = field(default_factory=QueueSection)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from asyncflow.engines import TorchEngineConfig
+    from asyncflow.tasks import TASKS
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="engine", name="torch_schema", node=TorchEngineConfig)
+    for kind, (config_type, _) in TASKS.items():
+        cs.store(group="task", name=f"{kind}_schema", node=config_type)
+
+
+def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
+                config_name: str = "config") -> Config:
+    """Compose `conf/` with command-line overrides and convert to dataclasses, validated.
+
+    Raises ConfigError with one line naming the offending key or field.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            composed = compose(config_name, overrides=overrides)
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from None
+    except ValueError as e:  # a __post_init__ check
+        raise ConfigError(str(e)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _one_line(e: BaseException | None) -> str:
+    """Hydra/OmegaConf errors span lines and chain causes; keep what names the key and value."""
+    parts: list[str] = []
+    while e is not None:
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key", "object_type", "reference_type")) \
+                    and line not in parts:
+                parts.append(line)
+        e = e.__cause__
+    return " ".join(parts)
+
+
+def default_run_name() -> str:
+    """A timestamp (rank 0 picks it and broadcasts it, so every rank agrees)."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

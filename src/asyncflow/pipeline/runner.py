@@ -1,0 +1,306 @@
+"""Build this rank's part of the pipeline from config, run it, and shut it down in order.
+
+```
+ rank 0:            queue controller, prompts thread, metrics writer (+ its mesh's stages)
+ rollout ranks:     main: rollout (+ eval on the first)   threads: reward, weight receiver
+ train ranks:       main: train (+ weight send)            threads: advantage (first), reference
+ colocated:         every rank runs all of its stages one after another on the main thread
+```
+
+Shutdown order: main loops finish their last step -> stage threads joined -> recorder.finish()
+(rank 0 waits for every rank's last metrics) -> barrier -> queue clients closed -> controller
+closed -> process group destroyed. A stage thread that raises logs the traceback and exits the
+process: torchrun then stops the other ranks, so a failure is never a silent hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from asyncflow.config import Config, default_run_name, to_yaml
+from asyncflow.engines import SamplingParams, build_rollout_engine
+from asyncflow.engines.fsdp_engine import FSDPTrainEngine
+from asyncflow.launch import build_meshes, init_distributed
+from asyncflow.log import get_logger, setup_logging
+from asyncflow.metrics import build_sinks
+from asyncflow.metrics.trace import Tracer, merge_traces
+from asyncflow.models import ModelConfig, Tokenizer
+from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.stages import (
+    AdvantageStage,
+    PromptStage,
+    RewardStage,
+    RolloutStage,
+    StepShape,
+    VersionGate,
+    evaluate,
+)
+from asyncflow.pipeline.trainer import DataParallelDrain, ReferenceStage, TrainStage
+from asyncflow.queue import ColumnSpec, QueueConfig, StageSpec, connect, serve
+from asyncflow.tasks import AdditionConfig, build_task
+from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
+from asyncflow.weights import LocalSync, build_weight_sync, weight_specs
+
+logger = get_logger(__name__)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resolve_model_dir(cfg: Config) -> Path:
+    """The policy's HF directory: configured, or the tiny default prepared once per cache."""
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.path={cfg.model.path!r}: no config.json there")
+        return path
+    tiny = cfg.model.tiny
+    if isinstance(cfg.task, AdditionConfig):  # warm-start on the task the run trains on
+        tiny = dataclasses.replace(tiny, task=cfg.task)
+    cache = default_cache_dir()
+    with _file_lock(cache / ".prepare.lock"):  # one rank trains, the others then hit the cache
+        return prepare_tiny_model(tiny, cache)
+
+
+def queue_config(cfg: Config, max_prompt_len: int, port: int) -> QueueConfig:
+    R = cfg.rollout.max_new_tokens
+    use_kl = cfg.algorithm.kl_coef > 0
+    columns = [
+        ColumnSpec("prompt_ids", "int64", [max_prompt_len], ragged=True),
+        ColumnSpec("uid", "int64", []),
+        ColumnSpec("response_ids", "int64", [R], ragged=True),
+        ColumnSpec("behaviour_logprobs", "float32", [R], ragged=True),
+        ColumnSpec("finished", "int64", []),
+        ColumnSpec("reward", "float32", []),
+        ColumnSpec("advantage", "float32", []),
+    ]
+    train_needs = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+    stages = [StageSpec("rollout", ["prompt_ids"]),
+              StageSpec("reward", ["response_ids", "finished", "uid"]),
+              StageSpec("advantage", ["reward"])]
+    if use_kl:
+        columns.append(ColumnSpec("ref_logprobs", "float32", [R], ragged=True))
+        stages.append(StageSpec("reference", ["prompt_ids", "response_ids"]))
+        train_needs.append("ref_logprobs")
+    stages.append(StageSpec("train", train_needs))
+    p = cfg.pipeline
+    return QueueConfig(columns=columns, stages=stages, group_size=p.group_size,
+                       capacity_rows=(p.max_staleness + 2) * p.rows_per_step,
+                       rows_per_step=p.rows_per_step, transport=cfg.queue.transport,
+                       host=cfg.queue.host, port=port, timeout_s=cfg.run.timeout_s)
+
+
+def _broadcast_str(value: str, src: int = 0) -> str:
+    buf = torch.zeros(256, dtype=torch.uint8)
+    data = value.encode()[:256]
+    if dist.get_rank() == src:
+        buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buf, src)
+    return bytes(buf.tolist()).rstrip(b"\0").decode()
+
+
+def _thread(name: str, fn) -> threading.Thread:
+    def body():
+        try:
+            fn()
+        except BaseException:
+            logger.exception("stage thread %r failed; exiting this rank", name)
+            for h in logger.parent.handlers if logger.parent else []:
+                h.flush()
+            os._exit(1)
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def run(cfg: Config) -> Path:
+    """Run the whole pipeline on this rank; returns the run directory."""
+    torch.manual_seed(cfg.run.seed)
+    rank, world, device = init_distributed(cfg.run.timeout_s)
+    timeout = timedelta(seconds=cfg.run.timeout_s)
+    meshes = build_meshes(cfg.placement, cfg.run.timeout_s, device)
+    everyone = list(range(world))
+    metrics_group = dist.new_group(everyone, timeout=timeout, backend="gloo")
+    use_kl = cfg.algorithm.kl_coef > 0
+    ref_group = dist.new_group(meshes.train_ranks, timeout=timeout) if use_kl else None
+    data_group = (dist.new_group(everyone, timeout=timeout, backend="gloo")
+                  if cfg.queue.transport == "dist" else None)
+
+    name = _broadcast_str(cfg.run.name or default_run_name())
+    run_dir = Path(cfg.run.root) / name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    setup_logging(cfg.run.log_level, file=str(run_dir / "logs" / f"rank{rank}.log"))
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        logger.info("run directory %s", run_dir)
+
+    model_dir = resolve_model_dir(cfg)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model_cfg = ModelConfig.from_file(model_dir)
+    tokenizer.check_fits(model_cfg.vocab_size)
+    task = build_task(cfg.task)
+    p = cfg.pipeline
+    shape = StepShape(p.prompts_per_step, p.group_size, p.num_steps, p.max_staleness,
+                      cfg.run.timeout_s)
+    max_prompt = model_cfg.max_position_embeddings - cfg.rollout.max_new_tokens
+
+    server = None
+    port = torch.tensor([0])
+    if rank == 0:
+        server = serve(queue_config(cfg, max_prompt, cfg.queue.port))
+        port[0] = server.address[1]
+    dist.broadcast(port, 0)
+    qcfg = queue_config(cfg, max_prompt, int(port.item()))
+    client = connect(qcfg, rank, group=data_group)
+
+    stage_names = []
+    if meshes.is_rollout:
+        stage_names += ["rollout", "reward"] + ([] if meshes.colocated else ["weights"])
+    if meshes.is_train:
+        stage_names += ["train", "weight_send"] + (["reference"] if use_kl else [])
+        stage_names += ["advantage"] if rank == meshes.train_ranks[0] else []
+    sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)})
+             if rank == 0 else [])
+    tracer = Tracer(rank)
+    mesh_sizes = ({"colocated": world} if meshes.colocated else
+                  {"rollout": len(meshes.rollout_ranks), "train": len(meshes.train_ranks)})
+    recorder = StepRecorder(stage_names, metrics_group, sinks, tracer, mesh_sizes)
+
+    seq: list = []  # colocated: stages in order; split: main loop stage
+    threads: list[threading.Thread] = []
+    engine = gate = None
+    if rank == 0:
+        prompts = PromptStage(client, task, tokenizer, shape)
+        seq.append(prompts)
+    if meshes.is_rollout:
+        engine = build_rollout_engine(cfg.engine, model_dir, policy_version=0)
+        gate = VersionGate(engine, p.max_staleness)
+        sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  top_k=cfg.rollout.top_k)
+        share = -(-p.prompts_per_step // len(meshes.rollout_ranks)) * p.group_size
+        seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
+                                cfg.run.seed * 7919 + rank, share))
+        seq.append(RewardStage(client, task, tokenizer, shape, recorder))
+    if meshes.sync_group is not None and not meshes.colocated:
+        sync = build_weight_sync(cfg.weight_sync, weight_specs(_meta_model(model_cfg)),
+                                 meshes.sync_group, meshes.sync_src, device, run_dir)
+    else:
+        sync = LocalSync()
+    if meshes.is_train:
+        if rank == meshes.train_ranks[0]:
+            seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
+                                      cfg.algorithm.normalize_std))
+        dp_rank = meshes.train_ranks.index(rank)
+        dp_size = len(meshes.train_ranks)
+        if use_kl:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            ref = FSDPTrainEngine(str(model_dir), DeviceMesh.from_group(ref_group, device.type),
+                                  None, cfg.trainer.precision, str(device))
+            ref_drain = DataParallelDrain(client, "reference", ref_group, dp_rank,
+                                          dp_size, shape, cfg.trainer.micro_batch_size,
+                                          ["prompt_ids", "response_ids"], 1)
+            seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
+                                      recorder))
+        policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
+                                 cfg.trainer.precision, str(device))
+        columns = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+        columns += ["ref_logprobs"] if use_kl else []
+        min_rows = cfg.trainer.micro_batch_size if p.streaming else p.rows_per_step
+        drain = DataParallelDrain(client, "train", meshes.train_mesh.get_group(),
+                                  dp_rank, dp_size, shape, cfg.trainer.micro_batch_size,
+                                  columns, min_rows)
+        trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
+                             recorder, sync, local_engine=engine if meshes.colocated else None,
+                             background=cfg.weight_sync.background)
+        seq.append(trainer)
+
+    eval_problems = task.heldout_problems()[:p.eval_size]
+    first_rollout = meshes.is_rollout and rank == meshes.rollout_ranks[0]
+
+    def maybe_eval(step: int) -> None:
+        if first_rollout and (step % p.eval_every == 0 or step == p.num_steps):
+            # the weights rollout of this step may use (version >= step - eta), not older ones
+            gate.wait_for(step - p.max_staleness, cfg.run.timeout_s)
+            with recorder.span(step, "eval", "eval"):
+                acc = evaluate(engine, task, tokenizer, eval_problems, cfg.rollout.max_new_tokens)
+            recorder.set(step, "eval/accuracy", acc)
+            recorder.set(step, "eval/policy_version", engine.policy_version)
+
+    if meshes.colocated:
+        for step in range(p.num_steps):
+            maybe_eval(step)
+            for stage in seq:
+                stage.run_step(step)
+    else:
+        main = next(s for s in seq if s.name in ("rollout", "train") and
+                    (s.name == "train") == meshes.is_train)
+        for stage in seq:
+            if stage is not main:
+                threads.append(_thread(stage.name, lambda s=stage: [
+                    s.run_step(i) for i in range(p.num_steps)]))
+        if meshes.is_rollout:
+            def receive():
+                for step in range(p.num_steps):
+                    stall0 = engine.health().commit_stall_s
+                    t0 = time.perf_counter()
+                    with tracer.span("weight_recv", "weights", step=step):
+                        sync.receive(engine)
+                    gate.notify()
+                    recorder.record(step, {
+                        "weights/recv_s": time.perf_counter() - t0,
+                        # generation stood still for the swap (and KV recompute): exposed sync
+                        "weights/exposed_s": engine.health().commit_stall_s - stall0})
+                    recorder.stage_done("weights", step)
+            threads.append(_thread("weights", receive))
+        for step in range(p.num_steps):
+            if meshes.is_rollout:
+                maybe_eval(step)
+            main.run_step(step)
+    if first_rollout:
+        gate.wait_for(p.num_steps, cfg.run.timeout_s)
+        maybe_eval(p.num_steps)
+    for t in threads:
+        t.join()
+    if meshes.is_train:
+        trainer.close()
+    recorder.finish()
+    tracer.write(run_dir / "trace")
+    dist.barrier()
+    if rank == 0:
+        roles = {r: ("rollout+train" if meshes.colocated else
+                     "rollout" if r in meshes.rollout_ranks else "train") for r in everyone}
+        merge_traces(run_dir / "trace", run_dir / "trace.json", roles)
+    client.close()
+    if server is not None:
+        server.close()
+    if engine is not None:
+        engine.shutdown()
+    dist.destroy_process_group()
+    return run_dir
+
+
+def _meta_model(model_cfg: ModelConfig):
+    from asyncflow.models import build_model
+
+    return build_model(model_cfg, device="meta")

@@ -1,0 +1,282 @@
+"""The RL stages: loops that get columns from the queue, compute, and put columns back.
+
+```
+ prompts --prompt_ids,uid--> rollout --response_ids,behaviour_logprobs,finished--> reward
+   (rank 0)                 (rollout ranks)                                        (rollout ranks)
+                                                                                     | reward
+ train <--advantage-- advantage (train rank 0, whole groups) <-----------------------+
+ (train ranks) <--ref_logprobs-- reference (train ranks, only when KL is on)
+   | optimizer step -> weight sync -> rollout engines (commit = new policy version)
+```
+
+Every stage is `run_step(step)`: it returns once it has done its share of that step, so the same
+objects run threaded (split placement: overlap) or one after another (colocated: time-sliced).
+No stage calls another; the readiness of columns in the queue is the only coupling. Each
+`run_step` records its metrics for the step and calls `recorder.stage_done`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from asyncflow.algorithms import group_advantages, policy_loss, sequence_weights
+from asyncflow.engines import GenerationRequest, RolloutEngine, SamplingParams
+from asyncflow.engines.fsdp_engine import FSDPTrainEngine
+from asyncflow.engines.sequences import pack
+from asyncflow.log import get_logger
+from asyncflow.models import Tokenizer
+from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
+from asyncflow.tasks import Problem, Task, encode_prompt, split_completion
+
+logger = get_logger(__name__)
+
+TRAIN_COLUMNS = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+
+
+@dataclass
+class StepShape:
+    """What every stage needs to know about a step."""
+
+    prompts_per_step: int
+    group_size: int
+    num_steps: int
+    max_staleness: int
+    timeout_s: float
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+def _rows(value) -> list[torch.Tensor]:
+    return value.rows() if isinstance(value, Ragged) else list(value.unbind(0))
+
+
+def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s: float,
+               columns: list[str], min_rows: int = 1):
+    """Yield leased batches of `step` for `stage` until the step has none left for it."""
+    while True:
+        batch = q.get(stage, batch_size, timeout_s=timeout_s, sampler=StepSampler(step),
+                      min_rows=min_rows, columns=columns)
+        if len(batch) == 0:
+            if batch.exhausted:
+                return
+            logger.warning("%s: still waiting for rows of step %d after %.0f s", stage, step,
+                           timeout_s)
+            continue
+        yield batch
+
+
+class PromptStage:
+    """Puts the step's prompts (group_size rows each) as new rows; blocks while the queue is full.
+
+    Prompt i of step s is train problem s * prompts_per_step + i: the data cursor is the step."""
+
+    name = "prompts"
+
+    def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape):
+        self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
+
+    def run_step(self, step: int) -> None:
+        P, N = self.shape.prompts_per_step, self.shape.group_size
+        problems = [self.task.train_problem(step * P + i) for i in range(P)]
+        prompt_ids = [torch.tensor(encode_prompt(self.tok, p.prompt), dtype=torch.long)
+                      for p in problems for _ in range(N)]
+        uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
+        group_ids = [p.uid for p in problems for _ in range(N)]
+        self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
+                   num_tokens=[len(t) for t in prompt_ids],
+                   timeout_s=self.shape.timeout_s * 10)
+
+
+class VersionGate:
+    """The one staleness enforcement point: rollout of step s waits for version >= s - eta."""
+
+    def __init__(self, engine: RolloutEngine, max_staleness: int):
+        self.engine, self.eta = engine, max_staleness
+        self._cond = threading.Condition()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, version: int, timeout_s: float) -> float:
+        """Block until the engine holds `version` or newer; returns seconds waited."""
+        t0 = time.perf_counter()
+        with self._cond:
+            while self.engine.policy_version < version:
+                if not self._cond.wait(timeout_s):
+                    logger.warning("rollout: waiting for policy version %d (engine has %d)",
+                                   version, self.engine.policy_version)
+        return time.perf_counter() - t0
+
+
+class RolloutStage:
+    """Generates every row of the step it is allowed to start, putting finished groups onward."""
+
+    name = "rollout"
+
+    def __init__(self, q: QueueClient, engine: RolloutEngine, gate: VersionGate,
+                 sampling: SamplingParams, shape: StepShape, recorder: StepRecorder, seed: int,
+                 batch_size: int):
+        self.q, self.engine, self.gate, self.sampling = q, engine, gate, sampling
+        self.shape, self.rec, self.seed = shape, recorder, seed
+        self.batch_size = batch_size  # rows per get: this rank's share, so rollout ranks split work
+
+    def run_step(self, step: int) -> None:
+        with self.rec.tracer.span("wait_version", "rollout", step=step):
+            wait_s = self.gate.wait_for(step - self.shape.max_staleness, self.shape.timeout_s)
+        t0 = time.perf_counter()
+        counts = [0, 0, 0]  # rows, tokens, engine errors
+        for batch in drain_step(self.q, self.name, step, self.batch_size, self.shape.timeout_s,
+                                ["prompt_ids"]):
+            prompts = _rows(batch.columns["prompt_ids"])
+            requests = [
+                GenerationRequest(str(row), prompt.tolist(), SamplingParams(
+                    **{**self.sampling.__dict__, "seed": self.seed * 1_000_003 + row}))
+                for row, prompt in zip(batch.row_ids, prompts, strict=True)]
+            pending = {}  # group id -> rows of this batch still generating
+            for g in batch.group_ids:
+                pending[g] = pending.get(g, 0) + 1
+            group_of = dict(zip(batch.row_ids, batch.group_ids, strict=True))
+            prompt_len = dict(zip(batch.row_ids, (len(p) for p in prompts), strict=True))
+            with self.rec.span(step, self.name, "generate"):
+                self._generate(requests, pending, group_of, prompt_len, counts)
+            self.q.ack(batch)
+        num_rows, num_tokens, num_errors = counts
+        gen_s = time.perf_counter() - t0
+        self.rec.total(step, "rollout/gen_time_s", gen_s)
+        self.rec.total(step, "rollout/gate_wait_s", wait_s)
+        self.rec.total(step, "rollout/generated_tokens", num_tokens)
+        self.rec.total(step, "rollout/errors", num_errors)
+        self.rec.mean(step, "response/length_mean", num_tokens / max(num_rows, 1), num_rows)
+        self.rec.stage_done(self.name, step)
+
+    def _generate(self, requests, pending, group_of, prompt_len, counts: list[int]) -> None:
+        """Stream completions; put each group onward as soon as all its rows finished."""
+        done: dict[int, list] = {}
+        for c in self.engine.stream(requests):
+            row = int(c.request_id)
+            if c.finish_reason == "error":
+                counts[2] += 1
+                logger.warning("rollout: row %d refused by the engine: %s", row, c.error)
+            g = group_of[row]
+            done.setdefault(g, []).append((row, c))
+            pending[g] -= 1
+            if pending[g] == 0:
+                finished = done.pop(g)
+                self._put(finished, prompt_len)
+                counts[0] += len(finished)
+                counts[1] += sum(len(c.token_ids) for _, c in finished)
+
+    def _put(self, finished: list, prompt_len: dict[int, int]) -> None:
+        rows = [r for r, _ in finished]
+        comps = [c for _, c in finished]
+        self.q.put({
+            "response_ids": [torch.tensor(c.token_ids, dtype=torch.long) for c in comps],
+            "behaviour_logprobs": [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
+            "finished": torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.long),
+        }, rows=rows, policy_versions=[c.policy_version_start for c in comps],
+            num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps)])
+
+
+def evaluate(engine: RolloutEngine, task: Task, tokenizer: Tokenizer, problems: list[Problem],
+             max_new_tokens: int) -> float:
+    """Greedy accuracy on held-out problems with the engine's current (pinned) weights."""
+    requests = [GenerationRequest(f"eval{p.uid}", encode_prompt(tokenizer, p.prompt),
+                                  SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+                for p in problems]
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    correct = 0.0
+    for p, c in zip(problems, engine.generate(requests), strict=True):
+        text, finished = split_completion(tokenizer, c.token_ids, eos)
+        correct += task.reward(text, p.answer, finished)
+    return correct / len(problems)
+
+
+class RewardStage:
+    """Scores responses against the task's answers. A reward function that raises or returns a
+    non-number costs that row a zero reward and a counted, logged failure, never the run."""
+
+    name = "reward"
+
+    def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape,
+                 recorder: StepRecorder):
+        self.q, self.task, self.tok, self.shape, self.rec = q, task, tokenizer, shape, recorder
+        self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+    def score(self, row: int, response: torch.Tensor, finished: bool, uid: int) -> float | None:
+        try:
+            text, stopped = split_completion(self.tok, response.tolist(), self.eos)
+            value = float(self.task.reward(text, self.task.train_problem(uid).answer,
+                                           stopped and finished))
+            if not math.isfinite(value):
+                raise ValueError(f"reward is {value}")
+            return value
+        except Exception as e:  # deliberately tolerated: user reward code
+            logger.warning("reward: row %d (problem %d) failed: %s: %s", row, uid,
+                           type(e).__name__, e)
+            return None
+
+    def run_step(self, step: int) -> None:
+        for batch in drain_step(self.q, self.name, step, self.shape.rows_per_step,
+                                self.shape.timeout_s, ["response_ids", "finished", "uid"]):
+            rewards, failures = [], 0
+            with self.rec.span(step, self.name, "score"):
+                for row, resp, fin, uid in zip(
+                        batch.row_ids, _rows(batch.columns["response_ids"]),
+                        batch.columns["finished"].tolist(), batch.columns["uid"].tolist(),
+                        strict=True):
+                    r = self.score(row, resp, bool(fin), uid)
+                    failures += r is None
+                    rewards.append(0.0 if r is None else r)
+                self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32)},
+                           rows=batch.row_ids)
+                self.q.ack(batch)
+            for r in rewards:
+                self.rec.mean(step, "reward/mean", r)
+            self.rec.total(step, "reward/failures", failures)
+        self.rec.stage_done(self.name, step)
+
+
+class AdvantageStage:
+    """Group-relative advantages over whole groups (one instance in the job)."""
+
+    name = "advantage"
+
+    def __init__(self, q: QueueClient, shape: StepShape, recorder: StepRecorder,
+                 baseline: str, normalize_std: bool):
+        self.q, self.shape, self.rec = q, shape, recorder
+        self.baseline, self.normalize_std = baseline, normalize_std
+        self.groups_done: dict[int, int] = {}
+
+    def run_step(self, step: int) -> None:
+        P, N = self.shape.prompts_per_step, self.shape.group_size
+        while self.groups_done.get(step, 0) < P:
+            batch = self.q.get(self.name, P * N, timeout_s=self.shape.timeout_s,
+                               sampler=GroupSampler(), columns=["reward"])
+            if len(batch) == 0:
+                logger.warning("advantage: still waiting for whole groups of step %d", step)
+                continue
+            with self.rec.span(step, self.name, "advantage"):
+                order = sorted(range(len(batch)),
+                               key=lambda i: (batch.group_ids[i], batch.row_ids[i]))
+                rewards_GN = batch.columns["reward"][order].view(-1, N)
+                adv_GN, _ = group_advantages(rewards_GN, self.baseline, self.normalize_std)
+                adv = torch.empty(len(batch))
+                adv[order] = adv_GN.flatten()
+                self.q.put({"advantage": adv}, rows=batch.row_ids)
+                self.q.ack(batch)
+            for g in range(len(batch) // N):
+                s = batch.steps[order[g * N]]
+                self.groups_done[s] = self.groups_done.get(s, 0) + 1
+                flat = bool((rewards_GN[g] == rewards_GN[g, 0]).all())
+                self.rec.mean(s, "advantage/flat_group_frac", float(flat))
+        self.rec.stage_done(self.name, step)  # groups of later steps are reported at their turn

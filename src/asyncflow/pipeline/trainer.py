@@ -1,0 +1,197 @@
+"""Train-mesh stages: reference log-probs (only with KL) and the streaming policy update.
+
+The train stage consumes micro-batches of step s as soon as their advantages are ready
+(`streaming`), runs forward/backward on each, and steps once the step's rows are all consumed,
+dividing by the all-reduced token (or row) count: exactly the full-batch mean. Every train rank
+runs the same number of forward/backward passes per step (FSDP collectives): the queue answers
+the ranks together, and a rank left without rows runs a zero-weight dummy pass.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from asyncflow.algorithms import policy_loss, sequence_weights
+from asyncflow.engines.fsdp_engine import FSDPTrainEngine
+from asyncflow.engines.sequences import PackedBatch, pack
+from asyncflow.log import get_logger
+from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.stages import StepShape, _rows
+from asyncflow.queue import Batch, QueueClient, StepSampler
+from asyncflow.weights import BackgroundSender
+
+logger = get_logger(__name__)
+
+LOSS_SUMS = ["loss/sum", "loss/clip_frac", "loss/ratio_mean", "loss/mismatch_kl",
+             "loss/is_weight_mean"]
+
+
+def _dummy_batch(device) -> PackedBatch:
+    """One token of prompt and one of response, for a rank with no rows in a collective pass."""
+    return pack([torch.zeros(1, dtype=torch.long)], [torch.zeros(1, dtype=torch.long)], device)
+
+
+class DataParallelDrain:
+    """Micro-batches of one step for the ranks of a data-parallel mesh, answered together.
+
+    Yields (batch, any_rank_has_rows); stops when the step's rows are all taken (all-reduced)."""
+
+    def __init__(self, q: QueueClient, stage: str, group, dp_rank: int, dp_size: int,
+                 shape: StepShape, micro_batch_size: int, columns: list[str], min_rows: int):
+        self.q, self.stage, self.group = q, stage, group
+        self.dp_rank, self.dp_size, self.shape = dp_rank, dp_size, shape
+        self.micro, self.columns, self.min_rows = micro_batch_size, columns, min_rows
+
+    def __call__(self, step: int):
+        taken = 0
+        while taken < self.shape.rows_per_step:
+            if self.dp_size > 1:
+                batch = self.q.get_balanced(
+                    self.stage, self.dp_rank, self.dp_size, self.micro,
+                    timeout_s=self.shape.timeout_s, sampler=StepSampler(step),
+                    min_rows=self.min_rows, columns=self.columns)
+            else:
+                batch = self.q.get(self.stage, self.micro, timeout_s=self.shape.timeout_s,
+                                   sampler=StepSampler(step), min_rows=self.min_rows,
+                                   columns=self.columns)
+            n = torch.tensor([len(batch)])
+            if self.dp_size > 1:
+                dist.all_reduce(n, group=self.group)
+            if n.item() == 0:
+                logger.warning("%s: waiting for rows of step %d (%d/%d taken)", self.stage, step,
+                               taken, self.shape.rows_per_step)
+                continue
+            taken += int(n.item())
+            yield batch
+
+
+class ReferenceStage:
+    """Log-probs of the frozen reference policy for every row (only when kl_coef > 0)."""
+
+    name = "reference"
+
+    def __init__(self, q: QueueClient, engine: FSDPTrainEngine, drain: DataParallelDrain,
+                 temperature: float, recorder: StepRecorder):
+        self.q, self.engine, self.drain, self.t, self.rec = q, engine, drain, temperature, recorder
+
+    def run_step(self, step: int) -> None:
+        for batch in self.drain(step):
+            with self.rec.span(step, self.name, "ref_logprobs"):
+                if len(batch) == 0:
+                    self.engine.logprobs(_dummy_batch(self.engine.device), self.t)
+                    continue
+                packed = pack(_rows(batch.columns["prompt_ids"]),
+                              _rows(batch.columns["response_ids"]), self.engine.device)
+                ref = packed.gather_response(self.engine.logprobs(packed, self.t).cpu())
+                self.q.put({"ref_logprobs": ref}, rows=batch.row_ids)
+                self.q.ack(batch)
+        self.rec.stage_done(self.name, step)
+
+
+class TrainStage:
+    """Streaming PPO-clip updates; one optimizer step (one new policy version) per step."""
+
+    name = "train"
+
+    def __init__(self, q: QueueClient, engine: FSDPTrainEngine, drain: DataParallelDrain,
+                 algo, temperature: float, recorder: StepRecorder, weight_sync,
+                 local_engine=None, background: bool = False):
+        self.q, self.engine, self.drain, self.algo = q, engine, drain, algo
+        self.t, self.rec, self.sync, self.local_engine = temperature, recorder, weight_sync, local_engine
+        self.use_kl = algo.kl_coef > 0
+        self.max_staleness = drain.shape.max_staleness
+        self._last_end = time.perf_counter()
+        # Background only where a remote engine receives: a local engine is loaded in line.
+        self.sender = (BackgroundSender(weight_sync, self._sent)
+                       if background and local_engine is None else None)
+
+    def _sent(self, version: int, metrics: dict[str, float]) -> None:
+        step = version - 1
+        self.rec.record(step, metrics)
+        self.rec.stage_done("weight_send", step)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.wait()
+
+    def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: list[int]):
+        behaviour = packed.scatter_response(
+            [_rows(batch.columns["behaviour_logprobs"])[i] for i in keep])
+        adv = batch.columns["advantage"][keep].float()
+        weights = sequence_weights(packed.response_mask_BT, self.algo.aggregation)
+        ref = (packed.scatter_response([_rows(batch.columns["ref_logprobs"])[i] for i in keep])
+               if self.use_kl else None)
+        return lambda lp: policy_loss(
+            lp, behaviour, adv, weights, self.algo.clip_low, self.algo.clip_high,
+            tis_cap=self.algo.tis_cap, ref_logprobs_BT=ref, kl_coef=self.algo.kl_coef,
+            kl_kind=self.algo.kl_kind,
+            # decoupled objective: with one update per batch the proximal policy is the trainer's
+            # own current policy, so its log-probs are this forward's, detached (no extra pass)
+            proximal_logprobs_BT=lp.detach() if self.algo.proximal else None)
+
+    def run_step(self, step: int) -> None:
+        t0 = time.perf_counter()
+        eng, rec = self.engine, self.rec
+        normaliser = 0.0
+        sums = dict.fromkeys(LOSS_SUMS + (["loss/kl"] if self.use_kl else []), 0.0)
+        trained_tokens = 0
+        for batch in self.drain(step):
+            keep = list(range(len(batch)))
+            if len(batch):
+                for row, v in zip(batch.row_ids, batch.policy_versions, strict=True):
+                    stale = eng.policy_version - v
+                    rec.max(step, "staleness/max", stale)
+                    rec.mean(step, "staleness/mean", stale)
+                    rec.total(step, f"staleness/count_{stale}", 1)
+                    if stale > self.max_staleness:  # the gate makes this impossible: a bug
+                        logger.error("row %d has staleness %d > max_staleness %d", row, stale,
+                                     self.max_staleness)
+                        rec.total(step, "staleness/violations", 1)
+                if self.algo.drop_flat_groups and not self.use_kl:
+                    keep = [i for i, a in enumerate(batch.columns["advantage"].tolist()) if a != 0]
+                rec.total(step, "train/dropped_rows", len(batch) - len(keep))
+            with rec.span(step, self.name, "fwd_bwd"):
+                if keep:
+                    prompts = _rows(batch.columns["prompt_ids"])
+                    responses = _rows(batch.columns["response_ids"])
+                    packed = pack([prompts[i] for i in keep], [responses[i] for i in keep],
+                                  eng.device)
+                    stats = eng.forward_backward(packed, self._loss_fn(packed, batch, keep),
+                                                 self.t)
+                    n = packed.num_response_tokens
+                    trained_tokens += n
+                    normaliser += n if self.algo.aggregation == "token-mean" else len(keep)
+                    for k in sums:  # same keys on every rank: they are all-reduced together
+                        sums[k] += stats[k]
+                else:  # keep the FSDP collectives of every rank in step
+                    eng.forward_backward(_dummy_batch(eng.device),
+                                         lambda lp: (lp.sum() * 0.0, {}), self.t)
+            if len(batch):
+                self.q.ack(batch)
+        with rec.span(step, self.name, "optim_step"):
+            step_metrics = eng.step(normaliser)
+        total = torch.tensor([trained_tokens, *sums.values()], dtype=torch.float64)
+        dist.all_reduce(total, group=self.drain.group)
+        norm = step_metrics["optim/normaliser"]
+        for k, v in zip(sums, total[1:].tolist(), strict=True):
+            rec.set(step, "loss/mean" if k == "loss/sum" else k, v / norm if norm else 0.0)
+        rec.record(step, step_metrics)
+        train_s = time.perf_counter() - t0
+        if self.sender is not None:
+            with rec.span(step, self.name, "weight_gather"):
+                named = [(n, t.detach().clone()) for n, t in eng.full_weights()]
+                rec.set(step, "weights/wait_previous_s",
+                        self.sender.submit(named, eng.policy_version))
+        else:
+            with rec.span(step, self.name, "weight_send"):
+                self._sent(eng.policy_version, self.sync.send(
+                    eng.full_weights(), eng.policy_version, self.local_engine))
+        now = time.perf_counter()
+        rec.record(step, {"train/time_s": train_s, "train/tokens": total[0].item(),
+                          "perf/step_time_s": now - self._last_end,
+                          "policy_version": eng.policy_version})
+        self._last_end = now
+        rec.stage_done(self.name, step)

@@ -1,0 +1,31 @@
+"""Configuration mistakes: one line naming the field, exit code 2, before any work starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, torchrun
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pipeline.max_staleness=-1", "pipeline.max_staleness=-1 must be >= 0"),
+    ("trainer.optim.lr=0", "trainer.optim.lr=0.0 must be > 0"),
+    ("trainer.optim.lr=fast", "trainer.optim.lr=fast"),
+    ("pipeline.prompts_per_step=0", "pipeline.prompts_per_step=0 must be >= 1"),
+    ("no_such_key=1", "Key 'no_such_key' not in 'Config'"),
+    ("placement=nowhere", "Could not find 'placement/nowhere'"),
+    ("algorithm.aggregation=mean", "algorithm.aggregation='mean'"),
+])
+def test_bad_override_is_one_line_and_exit_2(override, message):
+    out = subprocess.run([sys.executable, "-m", "asyncflow.train", override], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_placement_that_does_not_match_world_size(tmp_path):
+    out = torchrun(2, ["placement=split_2x2", f"run.root={tmp_path}"], timeout_s=120)
+    assert out.returncode != 0
+    assert "must cover ranks 0..1 exactly (torchrun world size 2)" in out.stderr, out.stderr[-3000:]
