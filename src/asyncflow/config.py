@@ -159,6 +159,9 @@ class PipelineConfig:
                 raise ValueError(f"pipeline.{name}={getattr(self, name)} must be >= 1")
         if self.max_staleness < 0:
             raise ValueError(f"pipeline.max_staleness={self.max_staleness} must be >= 0")
+        if self.group_size < 2:
+            raise ValueError(f"pipeline.group_size={self.group_size} must be >= 2: advantages "
+                             "are relative to the other completions of the same prompt")
 
     @property
     def rows_per_step(self) -> int:

@@ -8,6 +8,7 @@ import pytest
 from asyncflow.queue import (
     ColumnSpec,
     Controller,
+    GroupRangeSampler,
     GroupSampler,
     QueueConfig,
     StageSpec,
@@ -144,6 +145,20 @@ def test_group_sampler_returns_only_whole_groups():
         ctl.get("c", "rollout", 2, sampler=GroupSampler())
     with pytest.raises(ValueError, match="would hold 4 rows"):
         ctl.reserve("p", 1, group_ids=[8])
+
+
+def test_group_range_sampler_waits_for_every_group_and_orders_rows():
+    ctl = Controller(make_cfg(group_size=2))
+    b = put(ctl, 2, group_ids=[1, 1])
+    put(ctl, 2, group_ids=[5, 5])  # outside the range: never taken
+    a = put(ctl, 1, group_ids=[0])
+    sampler = GroupRangeSampler(0, 2)
+    assert ctl.get("c", "rollout", 8, timeout_s=0.05, sampler=sampler).row_ids == []  # 0 partial
+    a += put(ctl, 1, group_ids=[0])
+    got = ctl.get("c", "rollout", 8, timeout_s=0, sampler=sampler)
+    assert got.row_ids == a + b and got.group_ids == [0, 0, 1, 1]  # group order, not arrival
+    with pytest.raises(ValueError, match="hold 2 rows > batch_size=1"):
+        ctl.get("c", "rollout", 1, timeout_s=0, sampler=GroupRangeSampler(5, 6))
 
 
 def test_step_sampler_returns_rest_of_step_then_empty_at_once():

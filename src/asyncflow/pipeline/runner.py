@@ -219,17 +219,16 @@ def run(cfg: Config) -> Path:
                                   None, cfg.trainer.precision, str(device))
             ref_drain = DataParallelDrain(client, "reference", ref_group, dp_rank,
                                           dp_size, shape, cfg.trainer.micro_batch_size,
-                                          ["prompt_ids", "response_ids"], 1)
+                                          ["prompt_ids", "response_ids"], streaming=True)
             seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
                                       recorder))
         policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
                                  cfg.trainer.precision, str(device))
         columns = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
         columns += ["ref_logprobs"] if use_kl else []
-        min_rows = cfg.trainer.micro_batch_size if p.streaming else p.rows_per_step
         drain = DataParallelDrain(client, "train", meshes.train_mesh.get_group(),
                                   dp_rank, dp_size, shape, cfg.trainer.micro_batch_size,
-                                  columns, min_rows)
+                                  columns, p.streaming)
         trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
                              recorder, sync, local_engine=engine if meshes.colocated else None,
                              background=cfg.weight_sync.background)

@@ -55,6 +55,11 @@ class StepShape:
         return self.prompts_per_step * self.group_size
 
 
+def group_range(step: int, prompts_per_step: int) -> tuple[int, int]:
+    """Group ids of a step: prompt i of step s is group s * prompts_per_step + i."""
+    return step * prompts_per_step, (step + 1) * prompts_per_step
+
+
 def _rows(value) -> list[torch.Tensor]:
     return value.rows() if isinstance(value, Ragged) else list(value.unbind(0))
 
@@ -85,12 +90,13 @@ class PromptStage:
         self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
 
     def run_step(self, step: int) -> None:
-        P, N = self.shape.prompts_per_step, self.shape.group_size
-        problems = [self.task.train_problem(step * P + i) for i in range(P)]
+        N = self.shape.group_size
+        groups = range(*group_range(step, self.shape.prompts_per_step))
+        problems = [self.task.train_problem(g) for g in groups]
         prompt_ids = [torch.tensor(encode_prompt(self.tok, p.prompt), dtype=torch.long)
                       for p in problems for _ in range(N)]
         uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
-        group_ids = [p.uid for p in problems for _ in range(N)]
+        group_ids = [g for g in groups for _ in range(N)]
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
                    num_tokens=[len(t) for t in prompt_ids],
                    timeout_s=self.shape.timeout_s * 10)
@@ -134,7 +140,7 @@ class RolloutStage:
         with self.rec.tracer.span("wait_version", "rollout", step=step):
             wait_s = self.gate.wait_for(step - self.shape.max_staleness, self.shape.timeout_s)
         t0 = time.perf_counter()
-        counts = [0, 0, 0]  # rows, tokens, engine errors
+        counts = [0, 0, 0, 0]  # rows, tokens, engine errors, rows spanning a weight commit
         for batch in drain_step(self.q, self.name, step, self.batch_size, self.shape.timeout_s,
                                 ["prompt_ids"]):
             prompts = _rows(batch.columns["prompt_ids"])
@@ -150,12 +156,14 @@ class RolloutStage:
             with self.rec.span(step, self.name, "generate"):
                 self._generate(requests, pending, group_of, prompt_len, counts)
             self.q.ack(batch)
-        num_rows, num_tokens, num_errors = counts
+        num_rows, num_tokens, num_errors, num_spanning = counts
         gen_s = time.perf_counter() - t0
         self.rec.total(step, "rollout/gen_time_s", gen_s)
         self.rec.total(step, "rollout/gate_wait_s", wait_s)
         self.rec.total(step, "rollout/generated_tokens", num_tokens)
         self.rec.total(step, "rollout/errors", num_errors)
+        # new weights arrived while these rows were generating, and generation went on
+        self.rec.total(step, "rollout/rows_spanning_versions", num_spanning)
         self.rec.mean(step, "response/length_mean", num_tokens / max(num_rows, 1), num_rows)
         self.rec.stage_done(self.name, step)
 
@@ -164,6 +172,7 @@ class RolloutStage:
         done: dict[int, list] = {}
         for c in self.engine.stream(requests):
             row = int(c.request_id)
+            counts[3] += c.policy_version_end != c.policy_version_start
             if c.finish_reason == "error":
                 counts[2] += 1
                 logger.warning("rollout: row %d refused by the engine: %s", row, c.error)

@@ -4,7 +4,9 @@ The train stage consumes micro-batches of step s as soon as their advantages are
 (`streaming`), runs forward/backward on each, and steps once the step's rows are all consumed,
 dividing by the all-reduced token (or row) count: exactly the full-batch mean. Every train rank
 runs the same number of forward/backward passes per step (FSDP collectives): the queue answers
-the ranks together, and a rank left without rows runs a zero-weight dummy pass.
+the ranks together, and a rank left without rows runs a zero-weight dummy pass. Micro-batches
+are whole groups in a fixed order (see DataParallelDrain), so with max_staleness=0 streaming and
+sequential training compute the same thing bit for bit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
 from asyncflow.pipeline.recorder import StepRecorder
-from asyncflow.pipeline.stages import StepShape, _rows
-from asyncflow.queue import Batch, QueueClient, StepSampler
+from asyncflow.pipeline.stages import StepShape, _rows, group_range
+from asyncflow.queue import Batch, GroupRangeSampler, QueueClient
 from asyncflow.weights import BackgroundSender
 
 logger = get_logger(__name__)
@@ -35,37 +37,52 @@ def _dummy_batch(device) -> PackedBatch:
 
 
 class DataParallelDrain:
-    """Micro-batches of one step for the ranks of a data-parallel mesh, answered together.
+    """The micro-batches of one step for this rank of a data-parallel mesh, in canonical order.
 
-    Yields (batch, any_rank_has_rows); stops when the step's rows are all taken (all-reduced)."""
+    Round k holds the step's groups [first + k*G, first + (k+1)*G), G = (micro_batch_size /
+    group_size) * dp_size, and is answered once all of them are ready, split across the ranks by
+    tokens. Its content never depends on timing, so streaming computes exactly what the
+    sequential pipeline computes. With streaming off the last round is awaited first (the step
+    is then fully generated) and the rounds are processed in the same order afterwards."""
 
     def __init__(self, q: QueueClient, stage: str, group, dp_rank: int, dp_size: int,
-                 shape: StepShape, micro_batch_size: int, columns: list[str], min_rows: int):
+                 shape: StepShape, micro_batch_size: int, columns: list[str], streaming: bool):
+        if micro_batch_size % shape.group_size:
+            raise ValueError(f"trainer.micro_batch_size={micro_batch_size} must be a multiple of "
+                             f"pipeline.group_size={shape.group_size} (micro-batches hold whole "
+                             "groups)")
         self.q, self.stage, self.group = q, stage, group
         self.dp_rank, self.dp_size, self.shape = dp_rank, dp_size, shape
-        self.micro, self.columns, self.min_rows = micro_batch_size, columns, min_rows
+        self.groups_per_round = micro_batch_size // shape.group_size * dp_size
+        self.columns, self.streaming = columns, streaming
+
+    def _get(self, step: int, first: int, end: int) -> Batch:
+        rows = (end - first) * self.shape.group_size
+        while True:
+            sampler = GroupRangeSampler(first, end)
+            if self.dp_size > 1:
+                batch = self.q.get_balanced(self.stage, self.dp_rank, self.dp_size, rows,
+                                            timeout_s=self.shape.timeout_s, sampler=sampler,
+                                            columns=self.columns)
+                n = torch.tensor([len(batch)])
+                dist.all_reduce(n, group=self.group)  # a rank may legitimately get no rows
+                got = n.item() > 0
+            else:
+                batch = self.q.get(self.stage, rows, timeout_s=self.shape.timeout_s,
+                                   sampler=sampler, columns=self.columns)
+                got = len(batch) > 0
+            if got:
+                return batch
+            logger.warning("%s: waiting for groups [%d, %d) of step %d", self.stage, first, end,
+                           step)
 
     def __call__(self, step: int):
-        taken = 0
-        while taken < self.shape.rows_per_step:
-            if self.dp_size > 1:
-                batch = self.q.get_balanced(
-                    self.stage, self.dp_rank, self.dp_size, self.micro,
-                    timeout_s=self.shape.timeout_s, sampler=StepSampler(step),
-                    min_rows=self.min_rows, columns=self.columns)
-            else:
-                batch = self.q.get(self.stage, self.micro, timeout_s=self.shape.timeout_s,
-                                   sampler=StepSampler(step), min_rows=self.min_rows,
-                                   columns=self.columns)
-            n = torch.tensor([len(batch)])
-            if self.dp_size > 1:
-                dist.all_reduce(n, group=self.group)
-            if n.item() == 0:
-                logger.warning("%s: waiting for rows of step %d (%d/%d taken)", self.stage, step,
-                               taken, self.shape.rows_per_step)
-                continue
-            taken += int(n.item())
-            yield batch
+        first, end = group_range(step, self.shape.prompts_per_step)
+        rounds = [(g, min(g + self.groups_per_round, end))
+                  for g in range(first, end, self.groups_per_round)]
+        last = None if self.streaming else self._get(step, *rounds[-1])
+        for k, (lo, hi) in enumerate(rounds):
+            yield last if last is not None and k == len(rounds) - 1 else self._get(step, lo, hi)
 
 
 class ReferenceStage:

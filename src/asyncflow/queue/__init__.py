@@ -5,7 +5,13 @@ Stages use `QueueClient.put` / `get` / `ack`; one rank hosts the `Controller` (`
 
 from asyncflow.queue.client import Batch, QueueClient, connect, serve
 from asyncflow.queue.controller import Controller, Grant
-from asyncflow.queue.samplers import FifoSampler, GroupSampler, StepSampler, balance_by_tokens
+from asyncflow.queue.samplers import (
+    FifoSampler,
+    GroupRangeSampler,
+    GroupSampler,
+    StepSampler,
+    balance_by_tokens,
+)
 from asyncflow.queue.schema import ColumnSpec, QueueConfig, Ragged, StageSpec
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "Controller",
     "FifoSampler",
     "Grant",
+    "GroupRangeSampler",
     "GroupSampler",
     "QueueClient",
     "QueueConfig",

@@ -114,7 +114,37 @@ class StepSampler:
         return list(itertools.islice(st.by_step.get(self.step, ()), batch_size))
 
 
-_SAMPLERS: dict[str, type] = {"fifo": FifoSampler, "group": GroupSampler, "step": StepSampler}
+@dataclass
+class GroupRangeSampler:
+    """Every row of the groups with ids in [first, end), answered only once all of them are ready
+    for the stage, in (group id, row id) order: a batch whose content and order do not depend on
+    timing, so a streaming consumer computes exactly what a sequential one would."""
+
+    first: int
+    end: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "groups", "first": self.first, "end": self.end}
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+        return 1  # available() is all or nothing
+
+    def available(self, st: StageState) -> int:
+        if st.group_size == 1:
+            raise ValueError("GroupRangeSampler needs QueueConfig.group_size > 1")
+        complete = all(g in st.complete_groups for g in range(self.first, self.end))
+        return (self.end - self.first) * st.group_size if complete else 0
+
+    def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]:
+        rows = [r for g in range(self.first, self.end) for r in sorted(groups[g])]
+        if len(rows) > batch_size:
+            raise ValueError(f"groups [{self.first}, {self.end}) hold {len(rows)} rows > "
+                             f"batch_size={batch_size}")
+        return rows
+
+
+_SAMPLERS: dict[str, type] = {"fifo": FifoSampler, "group": GroupSampler, "step": StepSampler,
+                              "groups": GroupRangeSampler}
 
 
 def sampler_from_dict(d: dict[str, Any]) -> Sampler:
@@ -125,6 +155,11 @@ def sampler_from_dict(d: dict[str, Any]) -> Sampler:
         if not isinstance(d.get("step"), int):
             raise ValueError(f"step sampler needs an integer 'step', got {d.get('step')!r}")
         return StepSampler(step=d["step"])
+    if kind == "groups":
+        if not (isinstance(d.get("first"), int) and isinstance(d.get("end"), int)
+                and d["first"] < d["end"]):
+            raise ValueError(f"groups sampler needs integers first < end, got {d!r}")
+        return GroupRangeSampler(first=d["first"], end=d["end"])
     return _SAMPLERS[kind]()
 
 
