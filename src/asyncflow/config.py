@@ -197,6 +197,12 @@ class Config:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
+    def __post_init__(self):
+        if self.trainer.micro_batch_size % self.pipeline.group_size:
+            raise ValueError(
+                f"trainer.micro_batch_size={self.trainer.micro_batch_size} must be a multiple of "
+                f"pipeline.group_size={self.pipeline.group_size}: micro-batches hold whole groups")
+
 
 def _register() -> None:
     from hydra.core.config_store import ConfigStore

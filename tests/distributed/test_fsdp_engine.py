@@ -10,7 +10,7 @@ from asyncflow.engines.fsdp_engine import FSDPTrainEngine, OptimConfig
 from asyncflow.engines.sequences import pack
 from asyncflow.models import ModelConfig, build_model, save_pretrained
 
-from ._workers import run_ranks
+from ._mp import run_ranks
 
 NUM_ROWS = 8
 
@@ -92,12 +92,17 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
         )
 
 
+def _kw(tmp, rows, micro_batch, aggregation, out_name):
+    return dict(tmp=tmp, rows=rows, micro_batch=micro_batch, aggregation=aggregation,
+                out_name=out_name)
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
 def test_streaming_and_two_ranks_equal_full_batch(setup, aggregation):
     tmp, rows = setup
-    run_ranks(1, _train_one_step, tmp, rows, NUM_ROWS, aggregation, "full.pt")
-    run_ranks(1, _train_one_step, tmp, rows, 1, aggregation, "stream.pt")
-    run_ranks(2, _train_one_step, tmp, rows, 2, aggregation, "fsdp2.pt")
+    run_ranks(_train_one_step, 1, **_kw(tmp, rows, NUM_ROWS, aggregation, "full.pt"))
+    run_ranks(_train_one_step, 1, **_kw(tmp, rows, 1, aggregation, "stream.pt"))
+    run_ranks(_train_one_step, 2, **_kw(tmp, rows, 2, aggregation, "fsdp2.pt"))
     full, stream, fsdp2 = (torch.load(tmp / n) for n in ("full.pt", "stream.pt", "fsdp2.pt"))
     assert full["version"] == 1
     for other, tol in ((stream, 1e-6), (fsdp2, 1e-5)):

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from asyncflow.metrics import JsonlSink
 from asyncflow.pipeline.recorder import StepRecorder
 
-from ._workers import run_ranks
+from ._mp import run_ranks
 
 
 def _record(rank, world, tmp):
@@ -31,7 +31,7 @@ def _record(rank, world, tmp):
 
 
 def test_metrics_merge_across_ranks_in_step_order(tmp_path):
-    run_ranks(2, _record, tmp_path)
+    run_ranks(_record, 2, tmp=tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2, 3]
     for x in lines[:3]:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from asyncflow.models import ModelConfig, build_model
 from asyncflow.weights import WeightSyncConfig, build_weight_sync, iter_state, weight_specs
 
-from ._workers import run_ranks
+from ._mp import run_ranks
 
 CFG = dict(
     architectures=["Qwen2ForCausalLM"],
@@ -58,7 +58,7 @@ def _sync(rank, world, kind, tmp, hidden_on_receiver):
 
 @pytest.mark.parametrize("kind", ["broadcast", "disk"])
 def test_every_tensor_arrives_bit_exact(tmp_path, kind):
-    run_ranks(2, _sync, kind, tmp_path, CFG["hidden_size"])
+    run_ranks(_sync, 2, kind=kind, tmp=tmp_path, hidden_on_receiver=CFG["hidden_size"])
     sent, got = torch.load(tmp_path / "sent.pt"), torch.load(tmp_path / "got.pt")
     assert got["committed"] == [1, 2]
     assert sorted(sent) == sorted(got["staged"]) and "lm_head.weight" not in sent  # tied
@@ -67,5 +67,5 @@ def test_every_tensor_arrives_bit_exact(tmp_path, kind):
 
 
 def test_broadcast_refuses_a_different_model(tmp_path):
-    with pytest.raises(AssertionError, match="(?s)rank 1 failed.*rollout and train models differ"):
-        run_ranks(2, _sync, "broadcast", tmp_path, 48, timeout_s=10)
+    with pytest.raises(AssertionError, match="(?s)rank 1:.*rollout and train models differ"):
+        run_ranks(_sync, 2, timeout_s=10, kind="broadcast", tmp=tmp_path, hidden_on_receiver=48)

@@ -16,6 +16,8 @@ from .conftest import REPO, torchrun
     ("no_such_key=1", "Key 'no_such_key' not in 'Config'"),
     ("placement=nowhere", "Could not find 'placement/nowhere'"),
     ("algorithm.aggregation=mean", "algorithm.aggregation='mean'"),
+    ("trainer.micro_batch_size=60", "micro_batch_size=60 must be a multiple of"),
+    ("pipeline.group_size=1", "pipeline.group_size=1 must be >= 2"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, message):
     out = subprocess.run([sys.executable, "-m", "asyncflow.train", override], cwd=REPO,
