@@ -7,6 +7,8 @@ run alternately in one process so that machine noise hits both; median and sprea
     python benchmarks/generation.py                       # tiny + SmolLM2-135M, results printed
     python benchmarks/generation.py --models tiny --repeats 5 --scenarios equal,tail
     python benchmarks/generation.py --profile tiny        # where the engine's time goes
+    python benchmarks/generation.py --no-compile          # eager decode step
+    python benchmarks/generation.py --eager-too           # also the eager engine, side by side
 """
 
 from __future__ import annotations
@@ -104,15 +106,20 @@ def run_hf(model, batch_ids, new_tokens: list[int], batch: int) -> int:
     return useful
 
 
-def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_requests=None) -> dict:
+def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_requests=None,
+          compile=True, eager_too=False) -> dict:
     """Equal lengths (num_requests None: one batch, every request new_tokens long) or a long tail
     (num_requests requests, lengths uniform in [8, new_tokens])."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    engine = build_rollout_engine(
-        TorchEngineConfig(max_batch_size=batch, max_seq_len=prompt_len + new_tokens), path)
+
+    def build(compile):
+        return build_rollout_engine(TorchEngineConfig(
+            max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile), path)
+
+    engine = build(compile)
     n_req = num_requests or batch
     batch_ids = prompts(engine.vocab_size, n_req, prompt_len)
     if num_requests is None:
@@ -121,8 +128,13 @@ def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_reque
         lens = torch.randint(8, new_tokens + 1, (n_req,),
                              generator=torch.Generator().manual_seed(1)).tolist()
     runs = {"asyncflow": (run_ours, engine), "transformers": (run_hf, hf)}
-    for fn, m in runs.values():  # warm-up
+    if eager_too:
+        runs["asyncflow eager"] = (run_ours, build(False))
+    warmup_s = {}
+    for key, (fn, m) in runs.items():  # warm-up (compiles the decode step)
+        t0 = time.perf_counter()
         fn(m, batch_ids[:4], [8] * 4, 4)
+        warmup_s[key] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for key, (fn, m) in runs.items():
@@ -133,7 +145,8 @@ def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_reque
     ratios = [a / b for a, b in zip(rates["asyncflow"], rates["transformers"], strict=True)]
     shape = (f"{batch} x ({prompt_len} + {new_tokens})" if num_requests is None else
              f"{n_req} requests, new 8-{new_tokens}, {batch} slots / HF batches of {batch}")
-    return dict(name=name, weights=weights, rates=rates, ratios=ratios, shape=shape)
+    return dict(name=name, weights=weights, rates=rates, ratios=ratios, shape=shape,
+                warmup_s=warmup_s)
 
 
 def fmt(r: dict) -> str:
@@ -145,9 +158,22 @@ def fmt(r: dict) -> str:
             f"({min(ra):.2f}-{max(ra):.2f}) |")
 
 
-def profile(path, batch, prompt_len, new_tokens) -> str:
-    engine = build_rollout_engine(
-        TorchEngineConfig(max_batch_size=batch, max_seq_len=prompt_len + new_tokens), path)
+def fmt_extra(r: dict) -> str:
+    """Warm-up times (the first includes compiling the decode step) and the eager engine."""
+    out = "warm-up s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["warmup_s"].items())
+    if "asyncflow eager" in r["rates"]:
+        eager, hf = r["rates"]["asyncflow eager"], r["rates"]["transformers"]
+        vs = [a / b for a, b in zip(r["rates"]["asyncflow"], eager, strict=True)]
+        out += (f"; eager tok/s {statistics.median(eager):,.0f} ({min(eager):,.0f}-"
+                f"{max(eager):,.0f}), eager/transformers "
+                f"{statistics.median([a / b for a, b in zip(eager, hf, strict=True)]):.2f}x, "
+                f"compiled/eager {statistics.median(vs):.2f}x ({min(vs):.2f}-{max(vs):.2f})")
+    return out
+
+
+def profile(path, batch, prompt_len, new_tokens, compile) -> str:
+    engine = build_rollout_engine(TorchEngineConfig(
+        max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile), path)
     batch_ids = prompts(engine.vocab_size, batch, prompt_len)
     run_ours(engine, batch_ids, [8] * batch, batch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -167,6 +193,10 @@ def main() -> None:
                          "lengths uniform in [8, new-tokens]; or both: equal,tail")
     ap.add_argument("--long-tail", type=int, default=256, help="requests in the tail scenario")
     ap.add_argument("--profile", choices=["tiny", "smollm2"])
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="eager decode step (TorchEngineConfig.compile=False)")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also time the eager engine in the same loop (before/after)")
     ap.add_argument("--write", type=Path, help="append the table to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,7 +204,7 @@ def main() -> None:
     ckpts = {"tiny": lambda: (*tiny_checkpoint(tmp), 9), "smollm2": lambda: (*smollm2_checkpoint(), 32)}
     if args.profile:
         path, _, plen = ckpts[args.profile]()
-        print(profile(path, args.batch, plen, args.new_tokens))  # noqa: T201 (a script)
+        print(profile(path, args.batch, plen, args.new_tokens, args.compile))  # noqa: T201
         return
     lines = ["| model (weights) | requests | asyncflow tok/s | transformers tok/s | ratio |",
              "|---|---|---|---|---|"]
@@ -183,9 +213,10 @@ def main() -> None:
         scenarios = {"equal": None, "tail": args.long_tail}
         for num_requests in [scenarios[k] for k in args.scenarios.split(",")]:
             r = bench(name, path, weights, args.batch, plen, args.new_tokens, args.repeats,
-                      num_requests)
+                      num_requests, args.compile, args.eager_too)
             lines.append(fmt(r))
             print(lines[-1], flush=True)  # noqa: T201
+            print(fmt_extra(r), flush=True)  # noqa: T201
     table = "\n".join(lines)
     print(table)  # noqa: T201
     if args.write:

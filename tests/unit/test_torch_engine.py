@@ -399,6 +399,32 @@ def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny):
     assert worst < 0.15, worst  # bf16 logits of magnitude ~20 round by ~0.1
 
 
+@pytest.mark.slow  # compiles the decode step: ~30 s on 2 CPU cores
+def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, tiny_b):
+    prompts = _prompts(12, seed=21)
+    sampling = [dict(temperature=0), dict(temperature=0.7, seed=5), dict(temperature=0, top_k=4),
+                dict(temperature=1.0, top_k=5, top_p=0.9, seed=6)]
+
+    def reqs(tag):
+        return [GenerationRequest(f"{tag}{i}", p, SamplingParams(max_new_tokens=4 + 3 * i,
+                                                                 **sampling[i % 4]))
+                for i, p in enumerate(prompts)]
+
+    outs = {}
+    for compile in (False, True):
+        engine = _engine(tiny, max_batch_size=5, compile=compile)  # 12 requests: slots refill
+        first = engine.generate(reqs("a"))
+        engine.load_weights(_state(tiny_b))
+        engine.commit_weights(1)  # a pointer swap: the compiled graph must see the new weights
+        outs[compile] = first + engine.generate(reqs("b"))
+    for eager, compiled in zip(outs[False], outs[True], strict=True):
+        assert compiled.token_ids == eager.token_ids
+        assert compiled.finish_reason == eager.finish_reason
+        assert torch.allclose(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs),
+                              atol=1e-4)
+    assert outs[True][12].token_ids != outs[True][0].token_ids  # the new weights were used
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers_generate():
     from pathlib import Path

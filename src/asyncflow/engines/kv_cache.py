@@ -1,14 +1,15 @@
 """A preallocated KV cache with one row ("slot") per sequence in flight.
 
 Per layer, keys and values live in [slots, K, max_len, D] tensors allocated once. The model's
-attention calls `update(layer_idx, k, v)`; what it writes and returns depends on the mode the
-engine set before the forward:
+attention calls `update(layer_idx, k, v)` on one of two views:
 
-- prefill(slots_N, T): rows `slots_N` get positions 0..T-1 written (right-padded prompts; the pad
-  positions hold junk that later decode steps overwrite), and attention sees only the new keys.
-- decode(num_rows, pos_B, S): rows 0..num_rows-1 get one key written at their own position
-  `pos_B`, and attention sees the views [:num_rows, :, :S] (no copy). Rows of idle slots compute
-  junk into their own row, which the next prefill of that slot overwrites.
+- `SlotKVCache.prefill(slots_N)`: rows `slots_N` get positions 0..T-1 written (right-padded
+  prompts; the pad positions hold junk that later decode steps overwrite), and attention sees only
+  the new keys.
+- `DecodeKV(k, v, rows_B, pos_B, S)` (one decode step): rows 0..B-1 get one key written at their
+  own position `pos_B`, and attention sees the views [:B, :, :S] (no copy). Rows of idle slots
+  compute junk into their own row, which the next prefill of that slot overwrites. A plain object
+  over tensors, so that `torch.compile` traces it inside the decode step.
 
 Shape legend: N new sequences, B decode rows, K key/value heads, T new positions, S key
 positions, D head dim.
@@ -20,7 +21,7 @@ import torch
 
 
 class SlotKVCache:
-    """Implements the model's `KVCache` protocol over preallocated per-slot buffers."""
+    """The per-slot buffers; as the model's `KVCache`, the prefill view."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -28,34 +29,35 @@ class SlotKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.rows_all = torch.arange(num_slots, device=device)
-        self._mode = ""
         self._slots_N: torch.Tensor | None = None
-        self._num_rows = 0
-        self._pos_B: torch.Tensor | None = None
-        self._S = 0
 
     @property
     def num_bytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
 
     def prefill(self, slots_N: torch.Tensor) -> SlotKVCache:
-        self._mode, self._slots_N = "prefill", slots_N
+        self._slots_N = slots_N
         return self
 
-    def decode(self, num_rows: int, pos_B: torch.Tensor, S: int) -> SlotKVCache:
-        self._mode, self._num_rows, self._pos_B, self._S = "decode", num_rows, pos_B, S
-        return self
+    def update(self, layer_idx: int, k_NKTD: torch.Tensor,
+               v_NKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k_NKTD.shape[2]
+        self.k[layer_idx][self._slots_N, :, :T] = k_NKTD
+        self.v[layer_idx][self._slots_N, :, :T] = v_NKTD
+        return k_NKTD, v_NKTD
 
-    def update(self, layer_idx: int, k_BKTD: torch.Tensor,
-               v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+class DecodeKV:
+    """The model's `KVCache` for one decode step over the buffers of a `SlotKVCache`."""
+
+    def __init__(self, k_layers: list[torch.Tensor], v_layers: list[torch.Tensor],
+                 rows_B: torch.Tensor, pos_B: torch.Tensor, S: int):
+        self.k, self.v, self.rows_B, self.pos_B, self.S = k_layers, v_layers, rows_B, pos_B, S
+
+    def update(self, layer_idx: int, k_BK1D: torch.Tensor,
+               v_BK1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
-        if self._mode == "prefill":
-            T = k_BKTD.shape[2]
-            k_cache[self._slots_N, :, :T] = k_BKTD
-            v_cache[self._slots_N, :, :T] = v_BKTD
-            return k_BKTD, v_BKTD
-        assert self._mode == "decode" and k_BKTD.shape[2] == 1, (self._mode, k_BKTD.shape)
-        rows_B = self.rows_all[: self._num_rows]
-        k_cache[rows_B, :, self._pos_B] = k_BKTD[:, :, 0]  # [B, K, D] at each row's position
-        v_cache[rows_B, :, self._pos_B] = v_BKTD[:, :, 0]
-        return k_cache[: self._num_rows, :, : self._S], v_cache[: self._num_rows, :, : self._S]
+        B = self.rows_B.shape[0]
+        k_cache[self.rows_B, :, self.pos_B] = k_BK1D[:, :, 0]  # [B, K, D] at each row's position
+        v_cache[self.rows_B, :, self.pos_B] = v_BK1D[:, :, 0]
+        return k_cache[:B, :, : self.S], v_cache[:B, :, : self.S]

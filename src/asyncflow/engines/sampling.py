@@ -80,6 +80,13 @@ def sample(logits_BV: torch.Tensor, params: SamplingBatch,
            counter_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token ids [B] (int64) and their log-probs [B] (fp32); counter_B is the token index."""
     logp_BV = torch.log_softmax(logits_BV.float() / params.temperature_B[:, None], dim=-1)
+    return sample_from_logprobs(logp_BV, params, counter_B)
+
+
+def sample_from_logprobs(logp_BV: torch.Tensor, params: SamplingBatch,
+                         counter_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` given log_softmax(logits / temperature) [B, V] fp32 (computed once, by the
+    caller: the decode step fuses it into the model's forward)."""
     tokens_B = logp_BV.argmax(-1)
     if params.any_sampled:
         u_B = counter_uniform(params.seed_B, counter_B)
