@@ -235,13 +235,15 @@ def run(cfg: Config) -> Path:
         seq.append(trainer)
 
     eval_problems = task.heldout_problems()[:p.eval_size]
+    commit_lock = threading.Lock()
     first_rollout = meshes.is_rollout and rank == meshes.rollout_ranks[0]
 
     def maybe_eval(step: int) -> None:
         if first_rollout and (step % p.eval_every == 0 or step == p.num_steps):
             # the weights rollout of this step may use (version >= step - eta), not older ones
             gate.wait_for(step - p.max_staleness, cfg.run.timeout_s)
-            with recorder.span(step, "eval", "eval"):
+            # no commit lands mid-evaluation: every held-out answer comes from one version
+            with commit_lock, recorder.span(step, "eval", "eval"):
                 acc = evaluate(engine, task, tokenizer, eval_problems, cfg.rollout.max_new_tokens)
             recorder.set(step, "eval/accuracy", acc)
             recorder.set(step, "eval/policy_version", engine.policy_version)
@@ -264,7 +266,7 @@ def run(cfg: Config) -> Path:
                     stall0 = engine.health().commit_stall_s
                     t0 = time.perf_counter()
                     with tracer.span("weight_recv", "weights", step=step):
-                        sync.receive(engine)
+                        sync.receive(engine, commit_lock)
                     gate.notify()
                     recorder.record(step, {
                         "weights/recv_s": time.perf_counter() - t0,

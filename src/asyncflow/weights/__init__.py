@@ -16,6 +16,7 @@ Strategies: `broadcast` (torch.distributed on the sync group; NCCL for CUDA tens
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -113,8 +114,9 @@ class BroadcastSync:
             local_engine.commit_weights(version)
         return {"weights/send_s": time.perf_counter() - t0, "weights/bytes": float(nbytes)}
 
-    def receive(self, engine) -> int:
-        """Rollout side: block for the next version, stage every bucket, commit. Returns it."""
+    def receive(self, engine, commit_lock: threading.Lock | None = None) -> int:
+        """Rollout side: block for the next version, stage every bucket, commit (holding
+        `commit_lock`, which an evaluation holds to pin its weights). Returns the version."""
         header = self._header(-1)
         dist.broadcast(header, self.src, group=self.group)
         version, numel, count = header.tolist()
@@ -128,7 +130,8 @@ class BroadcastSync:
             dist.broadcast(flat, self.src, group=self.group)
             views = flat.split([s[1].numel() for s in bucket])
             engine.load_weights((s[0], v.view(s[1])) for s, v in zip(bucket, views, strict=True))
-        engine.commit_weights(version)
+        with commit_lock or contextlib.nullcontext():
+            engine.commit_weights(version)
         return version
 
 
@@ -159,12 +162,13 @@ class DiskSync:
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         return {"weights/send_s": time.perf_counter() - t0, "weights/bytes": float(nbytes)}
 
-    def receive(self, engine) -> int:
+    def receive(self, engine, commit_lock: threading.Lock | None = None) -> int:
         v = torch.tensor([-1], device=self.device)
         dist.broadcast(v, self.src, group=self.group)
         version = int(v.item())
         engine.load_weights(load_file(self._path(version)).items())
-        engine.commit_weights(version)
+        with commit_lock or contextlib.nullcontext():
+            engine.commit_weights(version)
         return version
 
 
