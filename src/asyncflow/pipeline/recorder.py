@@ -42,8 +42,8 @@ def _merge(into: dict[str, list], part: dict[str, list]) -> None:
             into[name][1] = a
 
 
-ROLLOUT_WORK = ("rollout", "reward", "eval")
-TRAIN_WORK = ("train", "advantage", "reference")
+ROLLOUT_WORK = ("rollout", "reward", "advantage", "eval")
+TRAIN_WORK = ("train", "reference")
 
 
 def _finalise(entries: dict[str, list], mesh_sizes: dict[str, int]) -> dict[str, float]:

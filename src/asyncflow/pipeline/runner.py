@@ -2,8 +2,9 @@
 
 ```
  rank 0:            queue controller, prompts thread, metrics writer (+ its mesh's stages)
- rollout ranks:     main: rollout (+ eval on the first)   threads: reward, weight receiver
- train ranks:       main: train (+ weight send)            threads: advantage (first), reference
+ rollout ranks:     main: rollout (+ eval on the first)   threads: reward, weight receiver,
+                                                                advantage (first rollout rank)
+ train ranks:       main: train (+ weight send)            threads: reference (with KL)
  colocated:         every rank runs all of its stages one after another on the main thread
 ```
 
@@ -160,7 +161,7 @@ def run(cfg: Config) -> Path:
     task = build_task(cfg.task)
     p = cfg.pipeline
     shape = StepShape(p.prompts_per_step, p.group_size, p.num_steps, p.max_staleness,
-                      cfg.run.timeout_s)
+                      cfg.run.timeout_s, chunk_rows=cfg.trainer.micro_batch_size)
     max_prompt = model_cfg.max_position_embeddings - cfg.rollout.max_new_tokens
 
     server = None
@@ -175,9 +176,9 @@ def run(cfg: Config) -> Path:
     stage_names = []
     if meshes.is_rollout:
         stage_names += ["rollout", "reward"] + ([] if meshes.colocated else ["weights"])
+        stage_names += ["advantage"] if rank == meshes.rollout_ranks[0] else []
     if meshes.is_train:
         stage_names += ["train", "weight_send"] + (["reference"] if use_kl else [])
-        stage_names += ["advantage"] if rank == meshes.train_ranks[0] else []
     sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)})
              if rank == 0 else [])
     tracer = Tracer(rank)
@@ -201,15 +202,17 @@ def run(cfg: Config) -> Path:
         seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
                                 cfg.run.seed * 7919 + rank, share))
         seq.append(RewardStage(client, task, tokenizer, shape, recorder))
+        if rank == meshes.rollout_ranks[0]:
+            # on the rollout side: the train rank is the usual bottleneck, and advantages need
+            # only the rewards, which live here
+            seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
+                                      cfg.algorithm.normalize_std))
     if meshes.sync_group is not None and not meshes.colocated:
         sync = build_weight_sync(cfg.weight_sync, weight_specs(_meta_model(model_cfg)),
                                  meshes.sync_group, meshes.sync_src, device, run_dir)
     else:
         sync = LocalSync()
     if meshes.is_train:
-        if rank == meshes.train_ranks[0]:
-            seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
-                                      cfg.algorithm.normalize_std))
         dp_rank = meshes.train_ranks.index(rank)
         dp_size = len(meshes.train_ranks)
         if use_kl:

@@ -4,7 +4,7 @@
  prompts --prompt_ids,uid--> rollout --response_ids,behaviour_logprobs,finished--> reward
    (rank 0)                 (rollout ranks)                                        (rollout ranks)
                                                                                      | reward
- train <--advantage-- advantage (train rank 0, whole groups) <-----------------------+
+ train <--advantage-- advantage (first rollout rank, whole groups) <-----------------+
  (train ranks) <--ref_logprobs-- reference (train ranks, only when KL is on)
    | optimizer step -> weight sync -> rollout engines (commit = new policy version)
 ```
@@ -49,6 +49,9 @@ class StepShape:
     num_steps: int
     max_staleness: int
     timeout_s: float
+    chunk_rows: int = 1
+    """Rows the streaming stages put and get at once (the train micro-batch: finer pieces would
+    only add control round trips, ~0.2 ms of CPU each on both ends)."""
 
     @property
     def rows_per_step(self) -> int:
@@ -168,8 +171,9 @@ class RolloutStage:
         self.rec.stage_done(self.name, step)
 
     def _generate(self, requests, pending, group_of, prompt_len, counts: list[int]) -> None:
-        """Stream completions; put each group onward as soon as all its rows finished."""
+        """Stream completions; put finished groups onward in chunks of about chunk_rows rows."""
         done: dict[int, list] = {}
+        ready: list = []  # rows of finished groups not yet put
         for c in self.engine.stream(requests):
             row = int(c.request_id)
             counts[3] += c.policy_version_end != c.policy_version_start
@@ -180,10 +184,12 @@ class RolloutStage:
             done.setdefault(g, []).append((row, c))
             pending[g] -= 1
             if pending[g] == 0:
-                finished = done.pop(g)
-                self._put(finished, prompt_len)
-                counts[0] += len(finished)
-                counts[1] += sum(len(c.token_ids) for _, c in finished)
+                ready.extend(done.pop(g))
+            if len(ready) >= self.shape.chunk_rows or not any(pending.values()):
+                self._put(ready, prompt_len)
+                counts[0] += len(ready)
+                counts[1] += sum(len(c.token_ids) for _, c in ready)
+                ready = []
 
     def _put(self, finished: list, prompt_len: dict[int, int]) -> None:
         rows = [r for r, _ in finished]
@@ -236,7 +242,8 @@ class RewardStage:
 
     def run_step(self, step: int) -> None:
         for batch in drain_step(self.q, self.name, step, self.shape.rows_per_step,
-                                self.shape.timeout_s, ["response_ids", "finished", "uid"]):
+                                self.shape.timeout_s, ["response_ids", "finished", "uid"],
+                                min_rows=self.shape.chunk_rows):
             rewards, failures = [], 0
             with self.rec.span(step, self.name, "score"):
                 for row, resp, fin, uid in zip(
@@ -269,8 +276,10 @@ class AdvantageStage:
     def run_step(self, step: int) -> None:
         P, N = self.shape.prompts_per_step, self.shape.group_size
         while self.groups_done.get(step, 0) < P:
+            left = (P - self.groups_done.get(step, 0)) * N
             batch = self.q.get(self.name, P * N, timeout_s=self.shape.timeout_s,
-                               sampler=GroupSampler(), columns=["reward"])
+                               sampler=GroupSampler(), columns=["reward"],
+                               min_rows=min(self.shape.chunk_rows, left))
             if len(batch) == 0:
                 logger.warning("advantage: still waiting for whole groups of step %d", step)
                 continue
