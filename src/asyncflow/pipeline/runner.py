@@ -118,6 +118,19 @@ def _broadcast_str(value: str, src: int = 0) -> str:
     return bytes(buf.tolist()).rstrip(b"\0").decode()
 
 
+@contextmanager
+def _abort_queue_on_error(client, server):
+    """No collectives on the error path (a peer may be gone): drop this rank's queue links, so
+    its leases return to the queue, and unlink its shared-memory slabs."""
+    try:
+        yield
+    except BaseException:
+        client.abort()
+        if server is not None:
+            server.close()
+        raise
+
+
 def _thread(name: str, fn) -> threading.Thread:
     def body():
         try:
@@ -172,136 +185,137 @@ def run(cfg: Config) -> Path:
     dist.broadcast(port, 0)
     qcfg = queue_config(cfg, max_prompt, int(port.item()))
     client = connect(qcfg, rank, group=data_group)
+    with _abort_queue_on_error(client, server):
 
-    stage_names = []
-    if meshes.is_rollout:
-        stage_names += ["rollout", "reward"] + ([] if meshes.colocated else ["weights"])
-        stage_names += ["advantage"] if rank == meshes.rollout_ranks[0] else []
-    if meshes.is_train:
-        stage_names += ["train", "weight_send"] + (["reference"] if use_kl else [])
-    sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)})
-             if rank == 0 else [])
-    tracer = Tracer(rank)
-    mesh_sizes = ({"colocated": world} if meshes.colocated else
-                  {"rollout": len(meshes.rollout_ranks), "train": len(meshes.train_ranks)})
-    recorder = StepRecorder(stage_names, metrics_group, sinks, tracer, mesh_sizes)
-
-    seq: list = []  # colocated: stages in order; split: main loop stage
-    threads: list[threading.Thread] = []
-    engine = gate = None
-    if rank == 0:
-        prompts = PromptStage(client, task, tokenizer, shape)
-        seq.append(prompts)
-    if meshes.is_rollout:
-        engine = build_rollout_engine(cfg.engine, model_dir, policy_version=0)
-        gate = VersionGate(engine, p.max_staleness)
-        sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
-                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  top_k=cfg.rollout.top_k)
-        share = -(-p.prompts_per_step // len(meshes.rollout_ranks)) * p.group_size
-        seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
-                                cfg.run.seed * 7919 + rank, share))
-        seq.append(RewardStage(client, task, tokenizer, shape, recorder))
-        if rank == meshes.rollout_ranks[0]:
-            # on the rollout side: the train rank is the usual bottleneck, and advantages need
-            # only the rewards, which live here
-            seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
-                                      cfg.algorithm.normalize_std))
-    if meshes.sync_group is not None and not meshes.colocated:
-        sync = build_weight_sync(cfg.weight_sync, weight_specs(_meta_model(model_cfg)),
-                                 meshes.sync_group, meshes.sync_src, device, run_dir)
-    else:
-        sync = LocalSync()
-    if meshes.is_train:
-        dp_rank = meshes.train_ranks.index(rank)
-        dp_size = len(meshes.train_ranks)
-        if use_kl:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            ref = FSDPTrainEngine(str(model_dir), DeviceMesh.from_group(ref_group, device.type),
-                                  None, cfg.trainer.precision, str(device))
-            ref_drain = DataParallelDrain(client, "reference", ref_group, dp_rank,
-                                          dp_size, shape, cfg.trainer.micro_batch_size,
-                                          ["prompt_ids", "response_ids"], streaming=True)
-            seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
-                                      recorder))
-        policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
-                                 cfg.trainer.precision, str(device))
-        columns = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
-        columns += ["ref_logprobs"] if use_kl else []
-        drain = DataParallelDrain(client, "train", meshes.train_mesh.get_group(),
-                                  dp_rank, dp_size, shape, cfg.trainer.micro_batch_size,
-                                  columns, p.streaming)
-        trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
-                             recorder, sync, local_engine=engine if meshes.colocated else None,
-                             background=cfg.weight_sync.background)
-        seq.append(trainer)
-
-    eval_problems = task.heldout_problems()[:p.eval_size]
-    commit_lock = threading.Lock()
-    first_rollout = meshes.is_rollout and rank == meshes.rollout_ranks[0]
-
-    def maybe_eval(step: int) -> None:
-        if first_rollout and (step % p.eval_every == 0 or step == p.num_steps):
-            # the weights rollout of this step may use (version >= step - eta), not older ones
-            gate.wait_for(step - p.max_staleness, cfg.run.timeout_s)
-            # no commit lands mid-evaluation: every held-out answer comes from one version
-            with commit_lock, recorder.span(step, "eval", "eval"):
-                acc = evaluate(engine, task, tokenizer, eval_problems, cfg.rollout.max_new_tokens)
-            recorder.set(step, "eval/accuracy", acc)
-            recorder.set(step, "eval/policy_version", engine.policy_version)
-
-    if meshes.colocated:
-        for step in range(p.num_steps):
-            maybe_eval(step)
-            for stage in seq:
-                stage.run_step(step)
-    else:
-        main = next(s for s in seq if s.name in ("rollout", "train") and
-                    (s.name == "train") == meshes.is_train)
-        for stage in seq:
-            if stage is not main:
-                threads.append(_thread(stage.name, lambda s=stage: [
-                    s.run_step(i) for i in range(p.num_steps)]))
+        stage_names = []
         if meshes.is_rollout:
-            def receive():
-                for step in range(p.num_steps):
-                    stall0 = engine.health().commit_stall_s
-                    t0 = time.perf_counter()
-                    with tracer.span("weight_recv", "weights", step=step):
-                        sync.receive(engine, commit_lock)
-                    gate.notify()
-                    recorder.record(step, {
-                        "weights/recv_s": time.perf_counter() - t0,
-                        # generation stood still for the swap (and KV recompute): exposed sync
-                        "weights/exposed_s": engine.health().commit_stall_s - stall0})
-                    recorder.stage_done("weights", step)
-            threads.append(_thread("weights", receive))
-        for step in range(p.num_steps):
-            if meshes.is_rollout:
+            stage_names += ["rollout", "reward"] + ([] if meshes.colocated else ["weights"])
+            stage_names += ["advantage"] if rank == meshes.rollout_ranks[0] else []
+        if meshes.is_train:
+            stage_names += ["train", "weight_send"] + (["reference"] if use_kl else [])
+        sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)})
+                 if rank == 0 else [])
+        tracer = Tracer(rank)
+        mesh_sizes = ({"colocated": world} if meshes.colocated else
+                      {"rollout": len(meshes.rollout_ranks), "train": len(meshes.train_ranks)})
+        recorder = StepRecorder(stage_names, metrics_group, sinks, tracer, mesh_sizes)
+
+        seq: list = []  # colocated: stages in order; split: main loop stage
+        threads: list[threading.Thread] = []
+        engine = gate = None
+        if rank == 0:
+            prompts = PromptStage(client, task, tokenizer, shape)
+            seq.append(prompts)
+        if meshes.is_rollout:
+            engine = build_rollout_engine(cfg.engine, model_dir, policy_version=0)
+            gate = VersionGate(engine, p.max_staleness)
+            sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
+                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                      top_k=cfg.rollout.top_k)
+            share = -(-p.prompts_per_step // len(meshes.rollout_ranks)) * p.group_size
+            seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
+                                    cfg.run.seed * 7919 + rank, share))
+            seq.append(RewardStage(client, task, tokenizer, shape, recorder))
+            if rank == meshes.rollout_ranks[0]:
+                # on the rollout side: the train rank is the usual bottleneck, and advantages need
+                # only the rewards, which live here
+                seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
+                                          cfg.algorithm.normalize_std))
+        if meshes.sync_group is not None and not meshes.colocated:
+            sync = build_weight_sync(cfg.weight_sync, weight_specs(_meta_model(model_cfg)),
+                                     meshes.sync_group, meshes.sync_src, device, run_dir)
+        else:
+            sync = LocalSync()
+        if meshes.is_train:
+            dp_rank = meshes.train_ranks.index(rank)
+            dp_size = len(meshes.train_ranks)
+            if use_kl:
+                from torch.distributed.device_mesh import DeviceMesh
+
+                ref = FSDPTrainEngine(str(model_dir), DeviceMesh.from_group(ref_group, device.type),
+                                      None, cfg.trainer.precision, str(device))
+                ref_drain = DataParallelDrain(client, "reference", ref_group, dp_rank,
+                                              dp_size, shape, cfg.trainer.micro_batch_size,
+                                              ["prompt_ids", "response_ids"], streaming=True)
+                seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
+                                          recorder))
+            policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
+                                     cfg.trainer.precision, str(device))
+            columns = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+            columns += ["ref_logprobs"] if use_kl else []
+            drain = DataParallelDrain(client, "train", meshes.train_mesh.get_group(),
+                                      dp_rank, dp_size, shape, cfg.trainer.micro_batch_size,
+                                      columns, p.streaming)
+            trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
+                                 recorder, sync, local_engine=engine if meshes.colocated else None,
+                                 background=cfg.weight_sync.background)
+            seq.append(trainer)
+
+        eval_problems = task.heldout_problems()[:p.eval_size]
+        commit_lock = threading.Lock()
+        first_rollout = meshes.is_rollout and rank == meshes.rollout_ranks[0]
+
+        def maybe_eval(step: int) -> None:
+            if first_rollout and (step % p.eval_every == 0 or step == p.num_steps):
+                # the weights rollout of this step may use (version >= step - eta), not older ones
+                gate.wait_for(step - p.max_staleness, cfg.run.timeout_s)
+                # no commit lands mid-evaluation: every held-out answer comes from one version
+                with commit_lock, recorder.span(step, "eval", "eval"):
+                    acc = evaluate(engine, task, tokenizer, eval_problems, cfg.rollout.max_new_tokens)
+                recorder.set(step, "eval/accuracy", acc)
+                recorder.set(step, "eval/policy_version", engine.policy_version)
+
+        if meshes.colocated:
+            for step in range(p.num_steps):
                 maybe_eval(step)
-            main.run_step(step)
-    if first_rollout:
-        gate.wait_for(p.num_steps, cfg.run.timeout_s)
-        maybe_eval(p.num_steps)
-    for t in threads:
-        t.join()
-    if meshes.is_train:
-        trainer.close()
-    recorder.finish()
-    tracer.write(run_dir / "trace")
-    dist.barrier()
-    if rank == 0:
-        roles = {r: ("rollout+train" if meshes.colocated else
-                     "rollout" if r in meshes.rollout_ranks else "train") for r in everyone}
-        merge_traces(run_dir / "trace", run_dir / "trace.json", roles)
-    client.close()
-    if server is not None:
-        server.close()
-    if engine is not None:
-        engine.shutdown()
-    dist.destroy_process_group()
-    return run_dir
+                for stage in seq:
+                    stage.run_step(step)
+        else:
+            main = next(s for s in seq if s.name in ("rollout", "train") and
+                        (s.name == "train") == meshes.is_train)
+            for stage in seq:
+                if stage is not main:
+                    threads.append(_thread(stage.name, lambda s=stage: [
+                        s.run_step(i) for i in range(p.num_steps)]))
+            if meshes.is_rollout:
+                def receive():
+                    for step in range(p.num_steps):
+                        stall0 = engine.health().commit_stall_s
+                        t0 = time.perf_counter()
+                        with tracer.span("weight_recv", "weights", step=step):
+                            sync.receive(engine, commit_lock)
+                        gate.notify()
+                        recorder.record(step, {
+                            "weights/recv_s": time.perf_counter() - t0,
+                            # generation stood still for the swap (and KV recompute): exposed sync
+                            "weights/exposed_s": engine.health().commit_stall_s - stall0})
+                        recorder.stage_done("weights", step)
+                threads.append(_thread("weights", receive))
+            for step in range(p.num_steps):
+                if meshes.is_rollout:
+                    maybe_eval(step)
+                main.run_step(step)
+        if first_rollout:
+            gate.wait_for(p.num_steps, cfg.run.timeout_s)
+            maybe_eval(p.num_steps)
+        for t in threads:
+            t.join()
+        if meshes.is_train:
+            trainer.close()
+        recorder.finish()
+        tracer.write(run_dir / "trace")
+        dist.barrier()
+        if rank == 0:
+            roles = {r: ("rollout+train" if meshes.colocated else
+                         "rollout" if r in meshes.rollout_ranks else "train") for r in everyone}
+            merge_traces(run_dir / "trace", run_dir / "trace.json", roles)
+        client.close()
+        if server is not None:
+            server.close()
+        if engine is not None:
+            engine.shutdown()
+        dist.destroy_process_group()
+        return run_dir
 
 
 def _meta_model(model_cfg: ModelConfig):

@@ -487,6 +487,11 @@ class QueueClient:
         """Collective when transport='dist'. Unlinks this rank's shared-memory slabs."""
         if self._remote is not None:
             self._remote.close()
+        self.abort()
+
+    def abort(self) -> None:
+        """Error-path close, never collective: drop the control links (the controller returns
+        this client's leases) and unlink this rank's shared-memory slabs."""
         self.control.close()
         if isinstance(self.storage, SharedMemoryStorage):
             self.storage.close()
