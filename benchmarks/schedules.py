@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="append the results section to this file")
     ap.add_argument("--gantt-dir", default=None, help="write Gantt PNGs of (b) and (d) here")
     args = ap.parse_args()
-    report = [f"## Schedules (benchmarks/schedules.py)\n",
+    report = ["## Schedules (benchmarks/schedules.py)\n",
               f"`python benchmarks/schedules.py {' '.join(sys.argv[1:])}` on "
               f"{platform.node() or 'dev VM'} (2-core CPU VM, 1 thread per rank), "
               f"{time.strftime('%Y-%m-%d %H:%M')}; {args.steps} steps per run, the first "
@@ -123,8 +123,8 @@ def main() -> None:
             report.append(f"| ({key}) {label} | {fmt([r['step_s'] for r in rs])} | "
                           f"{fmt([r['tok_s'] for r in rs], '.0f')} | {fmt(idle_r, '.2f')} | "
                           f"{fmt(idle_t, '.2f')} | {fmt([r['exposed_s'] for r in rs], '.4f')} |")
-        ratio = lambda x, y: [res[y][i]["step_s"] / res[x][i]["step_s"]  # noqa: E731
-                              for i in range(args.repeats)]
+        def ratio(x: str, y: str, res=res) -> list[float]:
+            return [res[y][i]["step_s"] / res[x][i]["step_s"] for i in range(args.repeats)]
         ideal = [(r["G"] + r["T"]) / max(r["G"], r["T"]) for r in res["b"]]
         d_b = ratio("d", "b")
         report.append(
@@ -134,7 +134,7 @@ def main() -> None:
             f"speed-ups (step-time ratios within a repeat): (c)/(b) = {fmt(ratio('c', 'b'), '.2f')}, "
             f"(d)/(b) = {fmt(d_b, '.2f')}, (e)/(b) = {fmt(ratio('e', 'b'), '.2f')}, "
             f"(d)/(a) = {fmt(ratio('d', 'a'), '.2f')}; (d) reaches "
-            f"{fmt([x / i for x, i in zip(d_b, ideal)], '.0%')} of the ideal.\n")
+            f"{fmt([x / i for x, i in zip(d_b, ideal, strict=True)], '.0%')} of the ideal.\n")
     text = "\n".join(report)
     print(text)
     if args.write:

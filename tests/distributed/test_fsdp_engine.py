@@ -68,7 +68,7 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
         batch = pack([r["prompt"] for r in mb], [r["response"] for r in mb])
         # behaviour log-probs: the current policy's, perturbed (as if from a slightly other engine)
         lp_now = batch.gather_response(eng.logprobs(batch))
-        behaviour_BT = batch.scatter_response([lp + r["noise"] for lp, r in zip(lp_now, mb)])
+        behaviour_BT = batch.scatter_response([lp + r["noise"] for lp, r in zip(lp_now, mb, strict=True)])
         weights_BT = sequence_weights(batch.response_mask_BT, aggregation)
         adv_B = torch.stack([r["advantage"] for r in mb])
         stats = eng.forward_backward(

@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
 STAGE_TIDS = {"prompts": 0, "eval": 1, "rollout": 2, "reward": 3, "weights": 4, "advantage": 5,
               "reference": 6, "train": 7}
 

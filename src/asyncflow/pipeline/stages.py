@@ -23,16 +23,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from asyncflow.algorithms import group_advantages, policy_loss, sequence_weights
+from asyncflow.algorithms import group_advantages
 from asyncflow.engines import GenerationRequest, RolloutEngine, SamplingParams
-from asyncflow.engines.fsdp_engine import FSDPTrainEngine
-from asyncflow.engines.sequences import pack
 from asyncflow.log import get_logger
 from asyncflow.models import Tokenizer
 from asyncflow.pipeline.recorder import StepRecorder
-from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
+from asyncflow.queue import GroupSampler, QueueClient, Ragged, StepSampler
 from asyncflow.tasks import Problem, Task, encode_prompt, split_completion
 
 logger = get_logger(__name__)
@@ -199,7 +196,7 @@ class RolloutStage:
             "behaviour_logprobs": [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
             "finished": torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.long),
         }, rows=rows, policy_versions=[c.policy_version_start for c in comps],
-            num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps)])
+            num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)])
 
 
 def evaluate(engine: RolloutEngine, task: Task, tokenizer: Tokenizer, problems: list[Problem],

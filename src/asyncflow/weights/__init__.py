@@ -99,7 +99,7 @@ class BroadcastSync:
         nbytes = 0
         for bucket in self.plan:
             tensors = []
-            for name, shape, dtype in bucket:
+            for name, _shape, dtype in bucket:
                 got_name, t = next(it)
                 assert got_name == name, (got_name, name)
                 tensors.append(t.detach().to(self.device, dtype))
