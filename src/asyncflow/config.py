@@ -9,12 +9,14 @@ changing directories or writing its own output folders; the run directory is our
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from asyncflow.checkpoint import CheckpointConfig
 from asyncflow.engines.base import RolloutEngineConfig
 from asyncflow.engines.fsdp_engine import OptimConfig, PrecisionConfig
 from asyncflow.launch.placement import PlacementConfig
@@ -44,6 +46,8 @@ class RunConfig:
     """Timeout of every process group and blocking queue call: a dead rank fails the run."""
     log_level: str = "INFO"
     """Logger level (DEBUG, INFO, WARNING)."""
+    overwrite: bool = False
+    """With resume=false, replace an existing run directory of the same name."""
 
     def __post_init__(self):
         if self.timeout_s <= 0:
@@ -58,6 +62,12 @@ class ModelSourceConfig:
     """HF-format directory (config.json, model.safetensors, tokenizer.json); None = tiny default."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Recipe of the tiny default model, prepared (and cached) when `path` is None."""
+
+    def __post_init__(self):
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+            what = "does not exist" if not Path(self.path).exists() else "has no config.json"
+            raise ValueError(f"model.path={self.path!r} {what}; give an HF-format model "
+                             "directory (config.json, model.safetensors, tokenizer.json)")
 
 
 @dataclass
@@ -196,6 +206,10 @@ class Config:
     queue: QueueSection = field(default_factory=QueueSection)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of the run directory (or start);
+    a path: from that checkpoint; `false`: start fresh (see run.overwrite)."""
 
     def __post_init__(self):
         if self.trainer.micro_batch_size % self.pipeline.group_size:
@@ -256,7 +270,12 @@ def _one_line(e: BaseException | None) -> str:
 
 
 def default_run_name() -> str:
-    """A timestamp (rank 0 picks it and broadcasts it, so every rank agrees)."""
+    """Under torchrun, the rendezvous run id (stable across `--max-restarts` restarts, so a
+    restarted job finds its own checkpoints); otherwise a timestamp. Rank 0 picks it and
+    broadcasts it, so every rank agrees."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id != "none":
+        return f"run-{run_id}"
     return time.strftime("%Y%m%d-%H%M%S")
 
 

@@ -159,30 +159,32 @@ def test_put_blocks_when_full_and_times_out():
     server.close()
 
 
-def test_storage_and_controller_checkpoint_roundtrip(tmp_path):
-    cfg = make_cfg()
-    ctl = Controller(cfg)
-    client = connect(cfg, 0, controller=ctl)
-    prompt = torch.arange(8).view(2, 4)
-    client.put(
-        {
-            "prompt": prompt,
-            "response": [torch.arange(3), torch.arange(5)],
-            "logprob": torch.ones(2, 3),
-        }
-    )
-    torch.save({"ctl": ctl.state_dict(), "storage": client.state_dict()}, tmp_path / "q.pt")
+@pytest.mark.parametrize("transport", ["local", "shm"])
+def test_snapshot_restores_rows_columns_and_leases_into_a_new_queue(tmp_path, transport):
+    cfg = make_cfg(transport=transport)
+    server = serve(cfg)
+    client = connect(cfg, 0, address=server.address)
+    prompt = torch.arange(12).view(3, 4)
+    rows = client.put({"prompt": prompt})
+    client.put({"response": [torch.arange(3), torch.arange(5)], "logprob": torch.ones(2, 3)},
+               rows=rows[:2])
+    leased = client.get("rollout", 1, timeout_s=0)  # a lease is redelivered after the restore
+    torch.save(client.snapshot(), tmp_path / "q.pt")
     client.close()
+    server.close()
 
-    ctl2 = Controller(cfg)
-    client2 = connect(cfg, 0, controller=ctl2)
-    state = torch.load(tmp_path / "q.pt")
-    ctl2.load_state_dict(state["ctl"])
-    client2.load_state_dict(state["storage"])
+    server2 = serve(cfg)
+    client2 = connect(cfg, 1, address=server2.address)
+    client2.restore(torch.load(tmp_path / "q.pt", weights_only=True))
     batch = client2.get("train", 4, timeout_s=0)
-    assert torch.equal(batch.columns["prompt"], prompt)
+    assert batch.row_ids == rows[:2]
+    assert torch.equal(batch.columns["prompt"], prompt[:2])
     assert batch.columns["response"].lengths.tolist() == [3, 5]
+    again = client2.get("rollout", 4, timeout_s=0)
+    assert sorted(again.row_ids) == sorted(rows) and leased.row_ids[0] in again.row_ids
+    assert client2.put({"prompt": prompt[:1]}) == [rows[-1] + 1]  # row ids continue
     client2.close()
+    server2.close()
 
 
 def test_control_socket_refuses_untyped_requests():

@@ -43,12 +43,17 @@ class OptimConfig:
     """Optimizer steps of linear warm-up from lr/warmup_steps to lr."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (<= 0 disables clipping)."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradient is not finite (each one skipped) that stop the run."""
 
     def __post_init__(self):
         if not self.lr > 0:
             raise ValueError(f"trainer.optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"trainer.optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"trainer.optim.max_nonfinite_steps={self.max_nonfinite_steps} "
+                             "must be >= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"trainer.optim.betas={self.betas} must be two numbers in [0, 1)")
 
@@ -97,6 +102,8 @@ class FSDPTrainEngine:
         self.config = model.config
         self.model = apply_fsdp(model, mesh, precision or PrecisionConfig())
         self.policy_version = 0
+        self.nonfinite_streak = 0
+        """Optimizer steps in a row skipped for a non-finite loss or gradient."""
         self.optimizer = None
         if optim is not None:
             self.model.train()
@@ -106,6 +113,7 @@ class FSDPTrainEngine:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, _lr_lambda(optim.warmup_steps))
             self.max_grad_norm = optim.max_grad_norm
+            self.max_nonfinite_steps = optim.max_nonfinite_steps
         else:
             self.model.eval().requires_grad_(False)
 
@@ -130,7 +138,11 @@ class FSDPTrainEngine:
         return {"loss/sum": loss.item(), **{k: v.item() for k, v in sums.items()}}
 
     def step(self, local_normaliser: float) -> dict[str, float]:
-        """Scale gradients by 1 / (normaliser summed over the mesh), clip, step, bump version."""
+        """Scale gradients by 1 / (normaliser summed over the mesh), clip, step, bump version.
+
+        A non-finite gradient norm (from a NaN/inf loss or gradient on any rank: the norm is
+        global) skips the update but still bumps the version (same weights), so the rollout side
+        sees one version per step; `max_nonfinite_steps` skips in a row raise FloatingPointError."""
         total = torch.tensor([float(local_normaliser)], dtype=torch.float64)
         dist.all_reduce(total, group=self.mesh.get_group())
         total = total.item()
@@ -150,10 +162,18 @@ class FSDPTrainEngine:
         if finite:
             self.optimizer.step()
             self.scheduler.step()
-            self.policy_version += 1
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self.policy_version += 1
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or "
+                f"gradient (grad norm {grad_norm}); stopping (trainer.optim.max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}). Lower trainer.optim.lr or check the rewards.")
         return {"optim/grad_norm": grad_norm, "optim/lr": lr, "optim/normaliser": total,
-                "optim/skipped": float(not finite)}
+                "optim/skipped": float(not finite), "alarm/nonfinite_streak": self.nonfinite_streak}
 
     def full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) for every weight; every train rank must iterate it together."""

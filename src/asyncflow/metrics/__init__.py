@@ -54,12 +54,13 @@ class JsonlSink:
 class ConsoleSink:
     """One progress line per step, with an ETA from the mean step time so far."""
 
-    def __init__(self, total_steps: int):
-        self.total, self.t0 = total_steps, time.perf_counter()
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         done = min(step + 1, self.total)
-        eta = (time.perf_counter() - self.t0) / done * (self.total - done)
+        eta = ((time.perf_counter() - self.t0) / max(done - self.start, 1)
+               * (self.total - done))
         parts = [f"step {done}/{self.total}" if step < self.total else "final"]
         for key, label, fmt in (("reward/mean", "reward", ".3f"),
                                 ("eval/accuracy", "eval acc", ".3f"),
@@ -80,7 +81,9 @@ class WandbSink:
         import wandb
 
         self._wandb = wandb
-        self._run = wandb.init(project=project, name=name, dir=str(run_dir), config=config)
+        # id = run name: a resumed run continues its wandb run
+        self._run = wandb.init(project=project, name=name, id=name, resume="allow",
+                               dir=str(run_dir), config=config)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
@@ -90,12 +93,12 @@ class WandbSink:
 
 
 def build_sinks(cfg: MetricsConfig, run_dir: Path, run_name: str, total_steps: int,
-                config: dict[str, Any]) -> list[MetricSink]:
+                config: dict[str, Any], start_step: int = 0) -> list[MetricSink]:
     sinks: list[MetricSink] = []
     if cfg.jsonl:
         sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
     if cfg.console:
-        sinks.append(ConsoleSink(total_steps))
+        sinks.append(ConsoleSink(total_steps, start_step))
     if cfg.wandb:
         sinks.append(WandbSink(cfg.wandb_project, run_name, run_dir, config))
     return sinks

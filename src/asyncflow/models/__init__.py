@@ -5,6 +5,7 @@ from asyncflow.models.checkpoint import (
     load_pretrained,
     load_state_into,
     save_pretrained,
+    save_weights,
 )
 from asyncflow.models.config import ConfigFileError, ModelConfig
 from asyncflow.models.tokenizer import Tokenizer, TokenizerError
@@ -22,4 +23,5 @@ __all__ = [
     "load_pretrained",
     "load_state_into",
     "save_pretrained",
+    "save_weights",
 ]

@@ -104,16 +104,19 @@ def _save(state: dict[str, torch.Tensor], file: Path, meta: dict[str, str]) -> N
 def save_pretrained(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int | None = None) -> Path:
     """Write config.json and model.safetensors (sharded with an index past max_shard_bytes)."""
+    return save_weights(model.state_dict(), model.config, path, dtype, max_shard_bytes)
+
+
+def save_weights(named: dict[str, torch.Tensor], config: ModelConfig, path: str | Path,
+                 dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """`save_pretrained` for full tensors with HF names (e.g. gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {
-        n: t.detach().to("cpu", dtype or t.dtype).contiguous()
-        for n, t in model.state_dict().items()
-    }
-    if model.config.tie_word_embeddings:
+    state = {n: t.detach().to("cpu", dtype or t.dtype).contiguous() for n, t in named.items()}
+    if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype_name = {v: k for k, v in _DTYPES.items()}[next(iter(state.values())).dtype]
-    dataclasses.replace(model.config, torch_dtype=dtype_name).save(path)
+    dataclasses.replace(config, torch_dtype=dtype_name).save(path)
     meta = {"format": "pt"}
     total = sum(t.numel() * t.element_size() for t in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:

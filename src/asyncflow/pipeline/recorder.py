@@ -72,7 +72,9 @@ class StepRecorder:
 
     def __init__(self, stages: list[str], group: dist.ProcessGroup | None,
                  sinks: list[MetricSink] | None = None, tracer: Tracer | None = None,
-                 mesh_sizes: dict[str, int] | None = None):
+                 mesh_sizes: dict[str, int] | None = None, start_step: int = 0):
+        self.start_step = start_step
+        """First step of this (possibly resumed) run; records of earlier steps are dropped."""
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.tracer = tracer or Tracer(self.rank, enabled=False)
         self.mesh_sizes = mesh_sizes or {}
@@ -89,7 +91,7 @@ class StepRecorder:
         self._merged: dict[int, dict[str, list]] = defaultdict(dict)
         self._reported: dict[int, set[int]] = defaultdict(set)
         self._finished_ranks: set[int] = set()
-        self._next_write = 0
+        self._next_write = start_step
         self._receiver: threading.Thread | None = None
         if self.rank == 0 and self.world > 1:
             self._receiver = threading.Thread(target=self._receive_loop, name="metrics-recv",
@@ -98,6 +100,8 @@ class StepRecorder:
 
     # -- recording (any rank, any thread)
     def _put(self, step: int, name: str, kind: str, a: float, b: float = 0.0) -> None:
+        if step < self.start_step:
+            return
         with self._lock:
             _merge(self._local[step], {name: [kind, float(a), float(b)]})
 
@@ -128,6 +132,8 @@ class StepRecorder:
             self.set(step, k, v)
 
     def stage_done(self, stage: str, step: int) -> None:
+        if step < self.start_step:
+            return
         with self._lock:
             self._done[step].add(stage)
             if not self.stages <= self._done[step]:

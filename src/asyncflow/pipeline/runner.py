@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +29,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from asyncflow.checkpoint import (
+    Checkpointer,
+    check_fresh_run_dir,
+    load_queue,
+    resolve_resume,
+    step_of,
+    truncate_jsonl,
+)
 from asyncflow.config import Config, default_run_name, to_yaml
 from asyncflow.engines import SamplingParams, build_rollout_engine
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine
@@ -35,7 +44,7 @@ from asyncflow.launch import build_meshes, init_distributed
 from asyncflow.log import get_logger, setup_logging
 from asyncflow.metrics import build_sinks
 from asyncflow.metrics.trace import Tracer, merge_traces
-from asyncflow.models import ModelConfig, Tokenizer
+from asyncflow.models import ModelConfig, Tokenizer, save_weights
 from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.stages import (
     AdvantageStage,
@@ -93,7 +102,7 @@ def queue_config(cfg: Config, max_prompt_len: int, port: int) -> QueueConfig:
         ColumnSpec("reward", "float32", []),
         ColumnSpec("advantage", "float32", []),
     ]
-    train_needs = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+    train_needs = ["prompt_ids", "uid", "response_ids", "behaviour_logprobs", "advantage"]
     stages = [StageSpec("rollout", ["prompt_ids"]),
               StageSpec("reward", ["response_ids", "finished", "uid"]),
               StageSpec("advantage", ["reward"])]
@@ -110,8 +119,8 @@ def queue_config(cfg: Config, max_prompt_len: int, port: int) -> QueueConfig:
 
 
 def _broadcast_str(value: str, src: int = 0) -> str:
-    buf = torch.zeros(256, dtype=torch.uint8)
-    data = value.encode()[:256]
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    data = value.encode()[:4096]
     if dist.get_rank() == src:
         buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     dist.broadcast(buf, src)
@@ -129,6 +138,42 @@ def _abort_queue_on_error(client, server):
         if server is not None:
             server.close()
         raise
+
+
+def _choose_start(cfg: Config, run_dir: Path) -> Path | None:
+    """Rank 0: the checkpoint this run resumes from (None: fresh); prepares the directory."""
+    if cfg.resume.lower() in ("false", "none", "no"):
+        check_fresh_run_dir(run_dir, cfg.run.overwrite)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return None
+    return resolve_resume(cfg.resume, run_dir)
+
+
+def _agree_on_start(cfg: Config, run_dir: Path, rank: int) -> Path | None:
+    """Rank 0 decides; its verdict (or its error, so every rank fails alike) is broadcast."""
+    verdict = ""
+    if rank == 0:
+        try:
+            path = _choose_start(cfg, run_dir)
+            verdict = "" if path is None else "path:" + str(path)
+        except ValueError as e:
+            verdict = "error:" + str(e)
+    verdict = _broadcast_str(verdict)
+    if verdict.startswith("error:"):
+        raise ValueError(verdict.removeprefix("error:"))
+    return Path(verdict.removeprefix("path:")) if verdict else None
+
+
+def export_hf(engine: FSDPTrainEngine, model_dir: Path, out: Path, leader: bool) -> None:
+    """The policy in HF format (config.json, model.safetensors, tokenizer files), loadable by
+    transformers; every train rank must call it (the full weights are gathered)."""
+    named = dict(engine.full_weights())
+    if leader:
+        save_weights(named, engine.config, out)
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (model_dir / f).exists():
+                shutil.copy(model_dir / f, out / f)
 
 
 def _thread(name: str, fn) -> threading.Thread:
@@ -161,11 +206,16 @@ def run(cfg: Config) -> Path:
 
     name = _broadcast_str(cfg.run.name or default_run_name())
     run_dir = Path(cfg.run.root) / name
+    resume_from = _agree_on_start(cfg, run_dir, rank)
+    start = step_of(resume_from) if resume_from is not None else 0
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     setup_logging(cfg.run.log_level, file=str(run_dir / "logs" / f"rank{rank}.log"))
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        logger.info("run directory %s", run_dir)
+        dropped = truncate_jsonl(run_dir / "metrics.jsonl", start)
+        logger.info("run directory %s; %s", run_dir,
+                    f"resuming from {resume_from} (step {start}; {dropped} metric lines of later "
+                    "steps dropped)" if resume_from else "starting at step 0")
 
     model_dir = resolve_model_dir(cfg)
     tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -186,6 +236,17 @@ def run(cfg: Config) -> Path:
     qcfg = queue_config(cfg, max_prompt, int(port.item()))
     client = connect(qcfg, rank, group=data_group)
     with _abort_queue_on_error(client, server):
+        # a resumed queue is restored by the first train rank into its own storage; prompts
+        # continue after the last step it holds
+        prompt_start = torch.tensor([start])
+        if resume_from is not None:
+            if rank == meshes.train_ranks[0]:
+                snapshot = load_queue(resume_from)
+                client.restore(snapshot)
+                steps = [r[1] for r in snapshot["meta"]["rows"]]
+                prompt_start[0] = max([start, *(s + 1 for s in steps)])
+                logger.info("queue restored: %d rows of steps %s", len(steps), sorted(set(steps)))
+            dist.broadcast(prompt_start, meshes.train_ranks[0])
 
         stage_names = []
         if meshes.is_rollout:
@@ -193,12 +254,12 @@ def run(cfg: Config) -> Path:
             stage_names += ["advantage"] if rank == meshes.rollout_ranks[0] else []
         if meshes.is_train:
             stage_names += ["train", "weight_send"] + (["reference"] if use_kl else [])
-        sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)})
-                 if rank == 0 else [])
+        sinks = (build_sinks(cfg.metrics, run_dir, name, p.num_steps, {"config": to_yaml(cfg)},
+                             start) if rank == 0 else [])
         tracer = Tracer(rank)
         mesh_sizes = ({"colocated": world} if meshes.colocated else
                       {"rollout": len(meshes.rollout_ranks), "train": len(meshes.train_ranks)})
-        recorder = StepRecorder(stage_names, metrics_group, sinks, tracer, mesh_sizes)
+        recorder = StepRecorder(stage_names, metrics_group, sinks, tracer, mesh_sizes, start)
 
         seq: list = []  # colocated: stages in order; split: main loop stage
         threads: list[threading.Thread] = []
@@ -219,8 +280,11 @@ def run(cfg: Config) -> Path:
             if rank == meshes.rollout_ranks[0]:
                 # on the rollout side: the train rank is the usual bottleneck, and advantages need
                 # only the rewards, which live here
-                seq.append(AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
-                                          cfg.algorithm.normalize_std))
+                advantage = AdvantageStage(client, shape, recorder, cfg.algorithm.baseline,
+                                           cfg.algorithm.normalize_std)
+                if resume_from is not None:
+                    advantage.resume()
+                seq.append(advantage)
         if meshes.sync_group is not None and not meshes.colocated:
             sync = build_weight_sync(cfg.weight_sync, weight_specs(_meta_model(model_cfg)),
                                      meshes.sync_group, meshes.sync_src, device, run_dir)
@@ -237,18 +301,38 @@ def run(cfg: Config) -> Path:
                 ref_drain = DataParallelDrain(client, "reference", ref_group, dp_rank,
                                               dp_size, shape, cfg.trainer.micro_batch_size,
                                               ["prompt_ids", "response_ids"], streaming=True)
+                if resume_from is not None:
+                    ref_drain.done_rows = client.taken("reference")
                 seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
                                           recorder))
             policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
                                      cfg.trainer.precision, str(device))
-            columns = ["prompt_ids", "response_ids", "behaviour_logprobs", "advantage"]
+            columns = ["prompt_ids", "uid", "response_ids", "behaviour_logprobs", "advantage"]
             columns += ["ref_logprobs"] if use_kl else []
-            drain = DataParallelDrain(client, "train", meshes.train_mesh.get_group(),
+            train_group = meshes.train_mesh.get_group()
+            drain = DataParallelDrain(client, "train", train_group,
                                       dp_rank, dp_size, shape, cfg.trainer.micro_batch_size,
                                       columns, p.streaming)
+            ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, train_group, dp_rank)
+            if resume_from is not None:
+                ckpt.load(resume_from, policy)
+                drain.done_rows = client.taken("train")
+            # per-prompt accounting: which problems each step trained, rolled back on resume
+            accounting_path = run_dir / "accounting" / f"train_rank{dp_rank}.jsonl"
+            accounting_path.parent.mkdir(exist_ok=True)
+            truncate_jsonl(accounting_path, start)
+            accounting = open(accounting_path, "a")
+
+            def checkpoint(version: int) -> None:
+                if ckpt.due(version, p.num_steps):
+                    ckpt.save(version, policy, client.snapshot, {"num_steps": p.num_steps},
+                              export=(lambda out: export_hf(policy, model_dir, out, dp_rank == 0))
+                              if cfg.checkpoint.export_hf else None)
+
             trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
                                  recorder, sync, local_engine=engine if meshes.colocated else None,
-                                 background=cfg.weight_sync.background)
+                                 background=cfg.weight_sync.background, accounting=accounting,
+                                 before_send=checkpoint)
             seq.append(trainer)
 
         eval_problems = task.heldout_problems()[:p.eval_size]
@@ -265,33 +349,43 @@ def run(cfg: Config) -> Path:
                 recorder.set(step, "eval/accuracy", acc)
                 recorder.set(step, "eval/policy_version", engine.policy_version)
 
+        def steps(stage) -> range:
+            return range(int(prompt_start.item()) if stage.name == "prompts" else start,
+                         p.num_steps)
+
         if meshes.colocated:
-            for step in range(p.num_steps):
+            if resume_from is not None:
+                trainer.send_weights(start - 1)  # the restored weights into the local engine
+            for step in range(start, p.num_steps):
                 maybe_eval(step)
                 for stage in seq:
-                    stage.run_step(step)
+                    if step in steps(stage):
+                        stage.run_step(step)
         else:
             main = next(s for s in seq if s.name in ("rollout", "train") and
                         (s.name == "train") == meshes.is_train)
             for stage in seq:
                 if stage is not main:
                     threads.append(_thread(stage.name, lambda s=stage: [
-                        s.run_step(i) for i in range(p.num_steps)]))
+                        s.run_step(i) for i in steps(s)]))
             if meshes.is_rollout:
                 def receive():
-                    for step in range(p.num_steps):
+                    # a resumed run first gets the restored weights (version start)
+                    while engine.policy_version < p.num_steps:
                         stall0 = engine.health().commit_stall_s
                         t0 = time.perf_counter()
-                        with tracer.span("weight_recv", "weights", step=step):
-                            sync.receive(engine, commit_lock)
+                        with tracer.span("weight_recv", "weights"):
+                            version = sync.receive(engine, commit_lock)
                         gate.notify()
-                        recorder.record(step, {
+                        recorder.record(version - 1, {
                             "weights/recv_s": time.perf_counter() - t0,
                             # generation stood still for the swap (and KV recompute): exposed sync
                             "weights/exposed_s": engine.health().commit_stall_s - stall0})
-                        recorder.stage_done("weights", step)
+                        recorder.stage_done("weights", version - 1)
                 threads.append(_thread("weights", receive))
-            for step in range(p.num_steps):
+            if meshes.is_train and resume_from is not None:
+                trainer.send_weights(start - 1)
+            for step in range(start, p.num_steps):
                 if meshes.is_rollout:
                     maybe_eval(step)
                 main.run_step(step)
@@ -302,6 +396,8 @@ def run(cfg: Config) -> Path:
             t.join()
         if meshes.is_train:
             trainer.close()
+            accounting.close()
+            export_hf(policy, model_dir, run_dir / "export", dp_rank == 0)
         recorder.finish()
         tracer.write(run_dir / "trace")
         dist.barrier()

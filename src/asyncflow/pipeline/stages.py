@@ -269,6 +269,11 @@ class AdvantageStage:
         self.q, self.shape, self.rec = q, shape, recorder
         self.baseline, self.normalize_std = baseline, normalize_std
         self.groups_done: dict[int, int] = {}
+        """step -> groups done; a resumed run starts from the queue's count (`resume`)."""
+
+    def resume(self) -> None:
+        self.groups_done = {s: n // self.shape.group_size
+                            for s, n in self.q.taken(self.name).items()}
 
     def run_step(self, step: int) -> None:
         P, N = self.shape.prompts_per_step, self.shape.group_size

@@ -11,6 +11,7 @@ sequential training compute the same thing bit for bit.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -55,6 +56,8 @@ class DataParallelDrain:
         self.dp_rank, self.dp_size, self.shape = dp_rank, dp_size, shape
         self.groups_per_round = micro_batch_size // shape.group_size * dp_size
         self.columns, self.streaming = columns, streaming
+        self.done_rows: dict[int, int] = {}
+        """step -> rows of it this stage consumed before a resume (whole rounds, skipped)."""
 
     def _get(self, step: int, first: int, end: int) -> Batch:
         rows = (end - first) * self.shape.group_size
@@ -80,6 +83,11 @@ class DataParallelDrain:
         first, end = group_range(step, self.shape.prompts_per_step)
         rounds = [(g, min(g + self.groups_per_round, end))
                   for g in range(first, end, self.groups_per_round)]
+        done_groups = self.done_rows.pop(step, 0) // self.shape.group_size
+        rounds = [(lo, hi) for lo, hi in rounds if hi > first + done_groups]
+        assert not rounds or rounds[0][0] == first + done_groups, "a round was half consumed"
+        if not rounds:
+            return
         last = None if self.streaming else self._get(step, *rounds[-1])
         for k, (lo, hi) in enumerate(rounds):
             yield last if last is not None and k == len(rounds) - 1 else self._get(step, lo, hi)
@@ -115,7 +123,8 @@ class TrainStage:
 
     def __init__(self, q: QueueClient, engine: FSDPTrainEngine, drain: DataParallelDrain,
                  algo, temperature: float, recorder: StepRecorder, weight_sync,
-                 local_engine=None, background: bool = False):
+                 local_engine=None, background: bool = False, accounting=None,
+                 before_send=None):
         self.q, self.engine, self.drain, self.algo = q, engine, drain, algo
         self.t, self.rec, self.sync, self.local_engine = temperature, recorder, weight_sync, local_engine
         self.use_kl = algo.kl_coef > 0
@@ -124,11 +133,30 @@ class TrainStage:
         # Background only where a remote engine receives: a local engine is loaded in line.
         self.sender = (BackgroundSender(weight_sync, self._sent)
                        if background and local_engine is None else None)
+        self.accounting = accounting
+        """Open file: one JSON line per step with the uids of the problems this rank trained."""
+        self.before_send = before_send
+        """Called with the new policy version after the optimizer step, before the weights
+        leave (the checkpoint point: see asyncflow.checkpoint)."""
 
     def _sent(self, version: int, metrics: dict[str, float]) -> None:
         step = version - 1
         self.rec.record(step, metrics)
         self.rec.stage_done("weight_send", step)
+
+    def send_weights(self, step: int) -> None:
+        """Send the current weights (version step + 1) to the rollout engines; a resumed run
+        calls it once before its first step to hand the restored weights over."""
+        eng, rec = self.engine, self.rec
+        if self.sender is not None:
+            with rec.span(step, self.name, "weight_gather"):
+                named = [(n, t.detach().clone()) for n, t in eng.full_weights()]
+                rec.set(step, "weights/wait_previous_s",
+                        self.sender.submit(named, eng.policy_version))
+        else:
+            with rec.span(step, self.name, "weight_send"):
+                self._sent(eng.policy_version, self.sync.send(
+                    eng.full_weights(), eng.policy_version, self.local_engine))
 
     def close(self) -> None:
         if self.sender is not None:
@@ -155,6 +183,7 @@ class TrainStage:
         normaliser = 0.0
         sums = dict.fromkeys(LOSS_SUMS + (["loss/kl"] if self.use_kl else []), 0.0)
         trained_tokens = 0
+        uids: list[int] = []
         for batch in self.drain(step):
             keep = list(range(len(batch)))
             if len(batch):
@@ -187,9 +216,13 @@ class TrainStage:
                     eng.forward_backward(_dummy_batch(eng.device),
                                          lambda lp: (lp.sum() * 0.0, {}), self.t)
             if len(batch):
+                uids += batch.columns["uid"].tolist()
                 self.q.ack(batch)
         with rec.span(step, self.name, "optim_step"):
             step_metrics = eng.step(normaliser)
+        if self.accounting is not None:
+            self.accounting.write(json.dumps({"step": step, "uids": uids}) + "\n")
+            self.accounting.flush()
         total = torch.tensor([trained_tokens, *sums.values()], dtype=torch.float64)
         dist.all_reduce(total, group=self.drain.group)
         norm = step_metrics["optim/normaliser"]
@@ -197,15 +230,10 @@ class TrainStage:
             rec.set(step, "loss/mean" if k == "loss/sum" else k, v / norm if norm else 0.0)
         rec.record(step, step_metrics)
         train_s = time.perf_counter() - t0
-        if self.sender is not None:
-            with rec.span(step, self.name, "weight_gather"):
-                named = [(n, t.detach().clone()) for n, t in eng.full_weights()]
-                rec.set(step, "weights/wait_previous_s",
-                        self.sender.submit(named, eng.policy_version))
-        else:
-            with rec.span(step, self.name, "weight_send"):
-                self._sent(eng.policy_version, self.sync.send(
-                    eng.full_weights(), eng.policy_version, self.local_engine))
+        if self.before_send is not None:
+            with rec.span(step, self.name, "checkpoint"):
+                self.before_send(eng.policy_version)
+        self.send_weights(step)
         now = time.perf_counter()
         rec.record(step, {"train/time_s": train_s, "train/tokens": total[0].item(),
                           "perf/step_time_s": now - self._last_end,

@@ -474,14 +474,49 @@ class QueueClient:
 
     # ------------------------------------------------------------------ state, shutdown
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's stored columns (the controller's metadata is saved on its host rank)."""
-        with self._lock:
-            return self.storage.state_dict()
+    def taken(self, stage: str) -> dict[int, int]:
+        """Rows of each step `stage` has leased or consumed (what a resumed stage has done)."""
+        return {int(k): int(v) for k, v in self._call("taken", stage=stage)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with self._lock:
-            self.storage.load_state_dict(state)
+    def snapshot(self) -> dict[str, Any]:
+        """The whole queue: the controller's metadata and every stored column, pulled from its
+        owners. Consistent as long as no row is freed meanwhile (stored columns are write-once,
+        and a checkpoint takes it while the last stage, train, is between steps). Plain data and
+        tensors only (`torch.load(weights_only=True)` reads it)."""
+        meta = self._call("state_dict")
+        names = [c.name for c in self.schema.columns]
+        columns: dict[str, Any] = {}
+        for c, name in enumerate(names):
+            rows = [r[0] for r in meta["rows"] if r[5] >> c & 1]
+            if not rows:
+                continue
+            locs = {r[0]: next((o, s) for ci, o, s in r[7] if ci == c) for r in meta["rows"]
+                    if r[5] >> c & 1}
+            grant = Grant(-1, rows, [], [], [], [], {name: [locs[r] for r in rows]})
+            value = self._start(grant)().columns[name]
+            columns[name] = ({"row_ids": rows, "values": value.values, "offsets": value.offsets}
+                             if isinstance(value, Ragged) else {"row_ids": rows, "values": value})
+        return {"meta": meta, "columns": columns}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Load a `snapshot` into an empty queue: every column goes to this rank's storage, the
+        metadata (pointing at it) to the controller; leases of the snapshot are redelivered."""
+        meta = snapshot["meta"]
+        where: dict[tuple[int, int], int] = {}  # (row, column index) -> slot here
+        for name, entry in snapshot["columns"].items():
+            rows = entry["row_ids"]
+            value = (Ragged(entry["values"], entry["offsets"]) if "offsets" in entry
+                     else entry["values"])
+            data = split_rows(self.schema.spec(name), value)
+            if not self.schema.spec(name).ragged:
+                data = assemble(self.schema.spec(name), data)
+            c = self.schema.index[name]
+            with self._lock:
+                slots = self.storage.write(rows, {name: data})
+            where.update({(r, c): s for r, s in zip(rows, slots, strict=True)})
+        rows = [[*r[:7], [[c, self.rank, where[(r[0], c)]] for c, _, _ in r[7]]]
+                for r in meta["rows"]]
+        self._call("load_state_dict", state={**meta, "rows": rows, "freed": []})
 
     def close(self) -> None:
         """Collective when transport='dist'. Unlinks this rank's shared-memory slabs."""

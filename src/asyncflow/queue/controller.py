@@ -501,13 +501,21 @@ class Controller:
         with self._lock:
             return len(self._stage(stage).ready)
 
+    def taken(self, stage: str) -> dict[int, int]:
+        """Rows of each step that `stage` has leased or consumed (a resumed stage skips them)."""
+        with self._lock:
+            return dict(self._stage(stage).taken_by_step)
+
     def state_dict(self) -> dict[str, Any]:
         """Metadata as plain lists. Leased rows are saved as not consumed (redelivered after a
-        restore); rows reserved but never written are not saved."""
+        restore); rows reserved but never written are not saved, and their ids are handed out
+        again after a restore, so a re-run producer gets the row ids it got the first time."""
         with self._lock:
             rows = []
+            next_row_id = self._next_row_id
             for rid, m in self._rows.items():
                 if m.ready_mask == 0:
+                    next_row_id = min(next_row_id, rid)
                     continue
                 locs = [[c, o, s] for c, (o, s) in m.locations.items()]
                 rows.append([rid, m.step, m.group_id, m.policy_version, m.num_tokens, m.ready_mask,
@@ -526,8 +534,9 @@ class Controller:
                 for r in leased:
                     t[self._rows[r].step] -= 1
                 taken[st.name] = [[k, v] for k, v in t.items()]
+            assert all(r[0] < next_row_id for r in rows), "a reservation is older than a put"
             return {
-                "next_row_id": self._next_row_id,
+                "next_row_id": next_row_id,
                 "rows": rows,
                 "ready_order": orders,
                 "taken_by_step": taken,

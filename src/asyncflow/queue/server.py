@@ -68,6 +68,9 @@ _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
     "nack": {"lease_id": (_I,)},
     "take_freed": {},
     "stats": {},
+    "taken": {"stage": (_S,)},
+    "state_dict": {},
+    "load_state_dict": {"state": (_D,)},
 }
 
 
@@ -103,6 +106,12 @@ def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str,
         return ctl.nack(**args)
     if op == "take_freed":
         return []  # the freed list rides on every reply
+    if op == "taken":
+        return [[k, v] for k, v in ctl.taken(**args).items()]
+    if op == "state_dict":
+        return ctl.state_dict()
+    if op == "load_state_dict":
+        return ctl.load_state_dict(**args)
     return ctl.stats()
 
 

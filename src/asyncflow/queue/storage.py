@@ -82,10 +82,6 @@ class Storage(Protocol):
         """Release (slot, row id) pairs of freed rows; entries whose slot moved on are skipped."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
 
 class MemoryStorage:
     """Keeps references to the put tensors; row -> (batch tensor, index in batch). Slot = row id."""
@@ -130,18 +126,6 @@ class MemoryStorage:
 
     def num_rows(self) -> int:
         return len({r for col in self._cols.values() for r in col})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            name: {rid: b[i].clone() for rid, (b, i) in col.items()}
-            for name, col in self._cols.items()
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._cols = {
-            name: {int(r): (t.unsqueeze(0), 0) for r, t in col.items()}
-            for name, col in state.items()
-        }
 
 
 def _check_write_once(name: str, dup: list[int]) -> None:
@@ -272,32 +256,6 @@ class SharedMemoryStorage:
             del self._slot_of[rid]
             del self._cols_of[rid]
             self._free_slots.append(s)
-
-    def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"slots": [[r, s] for r, s in self._slot_of.items()], "columns": {}}
-        for name in self.slabs.data:
-            rows = [r for r, cols in self._cols_of.items() if name in cols]
-            idx = torch.tensor([self._slot_of[r] for r in rows], dtype=torch.int64)
-            entry = {"row_ids": rows, "data": self.slabs.data[name].index_select(0, idx)}
-            if name in self.slabs.lengths:
-                entry["lengths"] = self.slabs.lengths[name].index_select(0, idx)
-            out["columns"][name] = entry
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.free(list(self._row_of.items()))
-        for rid, s in state["slots"]:
-            self._free_slots.remove(s)
-            self._slot_of[rid], self._row_of[s] = s, rid
-            self._cols_of[rid] = set()
-        for name, entry in state["columns"].items():
-            slab = self.slabs.map(name)
-            idx = torch.tensor([self._slot_of[r] for r in entry["row_ids"]], dtype=torch.int64)
-            slab.index_copy_(0, idx, entry["data"])
-            if "lengths" in entry:
-                self.slabs.lengths[name].index_copy_(0, idx, entry["lengths"])
-            for r in entry["row_ids"]:
-                self._cols_of[r].add(name)
 
     def close(self) -> None:
         """Unlink the slab files; mappings already open elsewhere stay valid until dropped."""
