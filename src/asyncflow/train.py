@@ -7,7 +7,9 @@ line on stderr naming the field, and exit code 2, before any work starts.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from asyncflow.checkpoint import check_fresh_run_dir
 from asyncflow.config import ConfigError, load_config
 from asyncflow.log import setup_logging
 
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     from asyncflow.pipeline.runner import run
 
     try:
+        if cfg.run.name is not None and cfg.resume.lower() in ("false", "none", "no"):
+            check_fresh_run_dir(Path(cfg.run.root) / cfg.run.name, cfg.run.overwrite)
         run(cfg)
     except (ValueError, TypeError) as e:  # user or data mistakes found while building the run
         print(f"asyncflow: error: {e}", file=sys.stderr)

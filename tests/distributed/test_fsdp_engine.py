@@ -112,3 +112,44 @@ def test_streaming_and_two_ranks_equal_full_batch(setup, aggregation):
             diff = (other["params"][name] - p).abs().max().item()
             assert diff <= tol, f"{name}: {diff}"
     assert full["grad_norm"] > 1e-3 and full["loss"] != 0
+
+
+def _nonfinite_steps(rank, world, tmp, rows, out_name):
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    eng = FSDPTrainEngine(str(tmp / "model"), mesh,
+                          OptimConfig(lr=1e-2, warmup_steps=0, max_nonfinite_steps=2))
+    batch = pack([rows[rank]["prompt"]], [rows[rank]["response"]])
+    before = {n: t.clone() for n, t in eng.full_weights()}
+    log = []
+    # rank 1 alone produces NaN: the global grad norm makes every rank skip the same step
+    poison = [False, True, False, True, True]
+    for bad in poison:
+        eng.forward_backward(batch, lambda lp, bad=bad: (
+            lp.sum() * (float("nan") if bad and rank == world - 1 else 1.0), {}))
+        try:
+            m = eng.step(1.0)
+            log.append((m["optim/skipped"], m["alarm/nonfinite_streak"], eng.policy_version))
+        except FloatingPointError as e:
+            log.append(str(e))
+        if len(log) == 2:  # after one good and one skipped step: the skip left weights alone
+            after_good = {n: t.clone() for n, t in eng.full_weights()}
+        if len(log) == 1:
+            first = {n: t.clone() for n, t in eng.full_weights()}
+    if rank == 0:
+        same = all(first[n].equal(after_good[n]) for n in first)
+        moved = any(not before[n].equal(first[n]) for n in first)
+        torch.save({"log": log, "skip_kept_weights": same, "good_step_moved": moved},
+                   tmp / out_name)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_repeated(setup):
+    tmp, rows = setup
+    run_ranks(_nonfinite_steps, 2, tmp=tmp, rows=rows, out_name="nonfinite.pt")
+    out = torch.load(tmp / "nonfinite.pt")
+    log = out["log"]
+    assert log[0] == (0.0, 0, 1)  # good step
+    assert log[1] == (1.0, 1, 2)  # skipped, yet the version moves on (one version per step)
+    assert log[2] == (0.0, 0, 3)  # a good step resets the streak
+    assert log[3] == (1.0, 1, 4)
+    assert "2 optimizer steps in a row had a non-finite loss or gradient" in log[4]
+    assert out["skip_kept_weights"] and out["good_step_moved"]

@@ -18,6 +18,10 @@ from .conftest import REPO, torchrun
     ("algorithm.aggregation=mean", "algorithm.aggregation='mean'"),
     ("trainer.micro_batch_size=60", "micro_batch_size=60 must be a multiple of"),
     ("pipeline.group_size=1", "pipeline.group_size=1 must be >= 2"),
+    ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0 must be >= 1"),
+    ("model.path=/no/such/model", "model.path='/no/such/model' does not exist"),
+    ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
+    ("trainer.optim.max_nonfinite_steps=0", "max_nonfinite_steps=0 must be >= 1"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, message):
     out = subprocess.run([sys.executable, "-m", "asyncflow.train", override], cwd=REPO,

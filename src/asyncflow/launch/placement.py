@@ -99,8 +99,13 @@ def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # plain `python -m` run: a world of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix
+        # a restarted rank can read a dead rank's gloo address and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}/", store),
+                                rank=rank, world_size=world, timeout=timeout)
     return rank, world, device
 
 

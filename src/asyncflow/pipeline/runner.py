@@ -130,38 +130,53 @@ def _broadcast_str(value: str, src: int = 0) -> str:
 @contextmanager
 def _abort_queue_on_error(client, server):
     """No collectives on the error path (a peer may be gone): drop this rank's queue links, so
-    its leases return to the queue, and unlink its shared-memory slabs."""
+    its leases return to the queue, and unlink its shared-memory slabs (the controller's host:
+    every slab of the session). Yields the abort function for stage threads' error path."""
+    lock = threading.Lock()
+
+    def abort():  # once; a second failing thread waits for the first to finish it
+        with lock:
+            if not abort.done:
+                abort.done = True
+                client.abort()
+                if server is not None:
+                    server.close()
+
+    abort.done = False
+
     try:
-        yield
+        yield abort
     except BaseException:
-        client.abort()
-        if server is not None:
-            server.close()
+        abort()
         raise
 
 
-def _choose_start(cfg: Config, run_dir: Path) -> Path | None:
-    """Rank 0: the checkpoint this run resumes from (None: fresh); prepares the directory."""
-    if cfg.resume.lower() in ("false", "none", "no"):
-        check_fresh_run_dir(run_dir, cfg.run.overwrite)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        return None
-    return resolve_resume(cfg.resume, run_dir)
+def _open_run_dir(cfg: Config, run_dir: Path, rank: int) -> Path | None:
+    """Set up the run directory and this rank's log file; returns the checkpoint this run resumes
+    from (None: fresh). Rank 0 decides (replacing the directory for resume=false with
+    run.overwrite), then broadcasts its verdict, or its error so every rank fails alike."""
+    def log_to_file():
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        setup_logging(cfg.run.log_level, file=str(run_dir / "logs" / f"rank{rank}.log"))
 
-
-def _agree_on_start(cfg: Config, run_dir: Path, rank: int) -> Path | None:
-    """Rank 0 decides; its verdict (or its error, so every rank fails alike) is broadcast."""
     verdict = ""
     if rank == 0:
         try:
-            path = _choose_start(cfg, run_dir)
+            fresh = cfg.resume.lower() in ("false", "none", "no")
+            if fresh:
+                check_fresh_run_dir(run_dir, cfg.run.overwrite)
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+            log_to_file()  # before looking for checkpoints: skipped ones are warned about
+            path = None if fresh else resolve_resume(cfg.resume, run_dir)
             verdict = "" if path is None else "path:" + str(path)
         except ValueError as e:
             verdict = "error:" + str(e)
     verdict = _broadcast_str(verdict)
     if verdict.startswith("error:"):
         raise ValueError(verdict.removeprefix("error:"))
+    if rank != 0:
+        log_to_file()
     return Path(verdict.removeprefix("path:")) if verdict else None
 
 
@@ -176,12 +191,19 @@ def export_hf(engine: FSDPTrainEngine, model_dir: Path, out: Path, leader: bool)
                 shutil.copy(model_dir / f, out / f)
 
 
-def _thread(name: str, fn) -> threading.Thread:
+def _thread(name: str, fn, abort) -> threading.Thread:
     def body():
         try:
             fn()
         except BaseException:
-            logger.exception("stage thread %r failed; exiting this rank", name)
+            if abort.done:  # another thread failed first and closed the queue under this one
+                logger.info("stage thread %r stopped by the queue's abort", name)
+            else:
+                logger.exception("stage thread %r failed; exiting this rank", name)
+            try:
+                abort()
+            except OSError as e:  # best effort: the process exits either way
+                logger.warning("queue abort failed: %s", e)
             for h in logger.parent.handlers if logger.parent else []:
                 h.flush()
             os._exit(1)
@@ -206,10 +228,8 @@ def run(cfg: Config) -> Path:
 
     name = _broadcast_str(cfg.run.name or default_run_name())
     run_dir = Path(cfg.run.root) / name
-    resume_from = _agree_on_start(cfg, run_dir, rank)
+    resume_from = _open_run_dir(cfg, run_dir, rank)
     start = step_of(resume_from) if resume_from is not None else 0
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.run.log_level, file=str(run_dir / "logs" / f"rank{rank}.log"))
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         dropped = truncate_jsonl(run_dir / "metrics.jsonl", start)
@@ -235,7 +255,7 @@ def run(cfg: Config) -> Path:
     dist.broadcast(port, 0)
     qcfg = queue_config(cfg, max_prompt, int(port.item()))
     client = connect(qcfg, rank, group=data_group)
-    with _abort_queue_on_error(client, server):
+    with _abort_queue_on_error(client, server) as abort:
         # a resumed queue is restored by the first train rank into its own storage; prompts
         # continue after the last step it holds
         prompt_start = torch.tensor([start])
@@ -367,7 +387,7 @@ def run(cfg: Config) -> Path:
             for stage in seq:
                 if stage is not main:
                     threads.append(_thread(stage.name, lambda s=stage: [
-                        s.run_step(i) for i in steps(s)]))
+                        s.run_step(i) for i in steps(s)], abort))
             if meshes.is_rollout:
                 def receive():
                     # a resumed run first gets the restored weights (version start)
@@ -382,7 +402,7 @@ def run(cfg: Config) -> Path:
                             # generation stood still for the swap (and KV recompute): exposed sync
                             "weights/exposed_s": engine.health().commit_stall_s - stall0})
                         recorder.stage_done("weights", version - 1)
-                threads.append(_thread("weights", receive))
+                threads.append(_thread("weights", receive, abort))
             if meshes.is_train and resume_from is not None:
                 trainer.send_weights(start - 1)
             for step in range(start, p.num_steps):

@@ -64,6 +64,14 @@ def _rows(value) -> list[torch.Tensor]:
     return value.rows() if isinstance(value, Ragged) else list(value.unbind(0))
 
 
+def stalled(what: str, timeout_s: float) -> TimeoutError:
+    """The error of every wait on another rank: a dead or hung peer ends the run, never hangs it
+    (the raising stage thread exits its rank; torchrun then stops the others)."""
+    return TimeoutError(f"{what}: nothing arrived within run.timeout_s={timeout_s:g} s; another "
+                        "rank died or hangs (see its log), or a step takes longer than the "
+                        "timeout (raise run.timeout_s)")
+
+
 def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s: float,
                columns: list[str], min_rows: int = 1):
     """Yield leased batches of `step` for `stage` until the step has none left for it."""
@@ -73,9 +81,7 @@ def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s
         if len(batch) == 0:
             if batch.exhausted:
                 return
-            logger.warning("%s: still waiting for rows of step %d after %.0f s", stage, step,
-                           timeout_s)
-            continue
+            raise stalled(f"{stage}: waiting for rows of step {step}", timeout_s)
         yield batch
 
 
@@ -117,10 +123,9 @@ class VersionGate:
         """Block until the engine holds `version` or newer; returns seconds waited."""
         t0 = time.perf_counter()
         with self._cond:
-            while self.engine.policy_version < version:
-                if not self._cond.wait(timeout_s):
-                    logger.warning("rollout: waiting for policy version %d (engine has %d)",
-                                   version, self.engine.policy_version)
+            if not self._cond.wait_for(lambda: self.engine.policy_version >= version, timeout_s):
+                raise stalled(f"rollout: waiting for policy version {version} (engine has "
+                              f"{self.engine.policy_version})", timeout_s)
         return time.perf_counter() - t0
 
 
@@ -283,8 +288,8 @@ class AdvantageStage:
                                sampler=GroupSampler(), columns=["reward"],
                                min_rows=min(self.shape.chunk_rows, left))
             if len(batch) == 0:
-                logger.warning("advantage: still waiting for whole groups of step %d", step)
-                continue
+                raise stalled(f"advantage: waiting for whole groups of step {step}",
+                              self.shape.timeout_s)
             with self.rec.span(step, self.name, "advantage"):
                 order = sorted(range(len(batch)),
                                key=lambda i: (batch.group_ids[i], batch.row_ids[i]))

@@ -22,7 +22,7 @@ from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
 from asyncflow.pipeline.recorder import StepRecorder
-from asyncflow.pipeline.stages import StepShape, _rows, group_range
+from asyncflow.pipeline.stages import StepShape, _rows, group_range, stalled
 from asyncflow.queue import Batch, GroupRangeSampler, QueueClient
 from asyncflow.weights import BackgroundSender
 
@@ -61,23 +61,22 @@ class DataParallelDrain:
 
     def _get(self, step: int, first: int, end: int) -> Batch:
         rows = (end - first) * self.shape.group_size
-        while True:
-            sampler = GroupRangeSampler(first, end)
-            if self.dp_size > 1:
-                batch = self.q.get_balanced(self.stage, self.dp_rank, self.dp_size, rows,
-                                            timeout_s=self.shape.timeout_s, sampler=sampler,
-                                            columns=self.columns)
-                n = torch.tensor([len(batch)])
-                dist.all_reduce(n, group=self.group)  # a rank may legitimately get no rows
-                got = n.item() > 0
-            else:
-                batch = self.q.get(self.stage, rows, timeout_s=self.shape.timeout_s,
-                                   sampler=sampler, columns=self.columns)
-                got = len(batch) > 0
-            if got:
-                return batch
-            logger.warning("%s: waiting for groups [%d, %d) of step %d", self.stage, first, end,
-                           step)
+        sampler = GroupRangeSampler(first, end)
+        if self.dp_size > 1:
+            batch = self.q.get_balanced(self.stage, self.dp_rank, self.dp_size, rows,
+                                        timeout_s=self.shape.timeout_s, sampler=sampler,
+                                        columns=self.columns)
+            n = torch.tensor([len(batch)])
+            dist.all_reduce(n, group=self.group)  # a rank may legitimately get no rows
+            got = n.item() > 0
+        else:
+            batch = self.q.get(self.stage, rows, timeout_s=self.shape.timeout_s,
+                               sampler=sampler, columns=self.columns)
+            got = len(batch) > 0
+        if not got:
+            raise stalled(f"{self.stage}: waiting for groups [{first}, {end}) of step {step}",
+                          self.shape.timeout_s)
+        return batch
 
     def __call__(self, step: int):
         first, end = group_range(step, self.shape.prompts_per_step)

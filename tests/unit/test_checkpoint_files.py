@@ -1,0 +1,89 @@
+"""Checkpoint directories: manifests catch truncation and corruption, the newest complete one wins,
+half-written ones are invisible, resume choices are validated."""
+
+import json
+import logging
+
+import pytest
+
+from asyncflow.checkpoint import (
+    CheckpointCorrupt,
+    check_fresh_run_dir,
+    latest_complete,
+    resolve_resume,
+    truncate_jsonl,
+    verify,
+    write_manifest,
+)
+
+
+def _ckpt(root, step, payload=b"weights" * 100):
+    d = root / f"step_{step}"
+    (d / "train").mkdir(parents=True)
+    (d / "train" / "__0_0.distcp").write_bytes(payload)
+    (d / "meta.json").write_text(json.dumps({"step": step}))
+    write_manifest(d)
+    return d
+
+
+def test_verify_names_the_truncated_or_corrupted_file(tmp_path):
+    d = _ckpt(tmp_path, 3)
+    verify(d)
+    shard = d / "train" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt, match="__0_0.distcp: CRC32 differs"):
+        verify(d)
+    shard.write_bytes(bytes(data[:50]))
+    with pytest.raises(CheckpointCorrupt, match="__0_0.distcp: 50 bytes, manifest says 700"):
+        verify(d)
+    shard.unlink()
+    with pytest.raises(CheckpointCorrupt, match="missing"):
+        verify(d)
+
+
+def test_latest_complete_skips_corrupted_and_half_written_checkpoints(tmp_path, caplog):
+    _ckpt(tmp_path, 2)
+    _ckpt(tmp_path, 4)
+    newest = _ckpt(tmp_path, 6)
+    (tmp_path / ".step_8.tmp").mkdir()  # a save that was interrupted: never considered
+    (tmp_path / "step_10").mkdir()  # renamed without manifest (cannot happen, still refused)
+    assert latest_complete(tmp_path) == newest
+    (newest / "meta.json").write_text("{}")  # size changes
+    with caplog.at_level(logging.WARNING, logger="asyncflow"):
+        assert latest_complete(tmp_path) == tmp_path / "step_4"
+    assert any("step_6" in r.getMessage() and "skipping corrupted" in r.getMessage()
+               for r in caplog.records)
+    assert latest_complete(tmp_path / "nothing_here") is None
+
+
+def test_resume_choices(tmp_path):
+    run = tmp_path / "run"
+    assert resolve_resume("auto", run) is None  # nothing yet: start fresh
+    d = _ckpt(run / "checkpoints", 5)
+    assert resolve_resume("auto", run) == d
+    assert resolve_resume("false", run) is None
+    assert resolve_resume(str(d), tmp_path / "other") == d
+    with pytest.raises(ValueError, match="no such checkpoint directory"):
+        resolve_resume(str(tmp_path / "missing"), run)
+    (d / "meta.json").write_text("changed")
+    with pytest.raises(CheckpointCorrupt):
+        resolve_resume(str(d), run)  # an explicit path is not silently replaced
+
+
+def test_fresh_start_refuses_an_existing_run_unless_overwrite(tmp_path):
+    check_fresh_run_dir(tmp_path / "new", overwrite=False)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run and resume=false"):
+        check_fresh_run_dir(tmp_path / "old", overwrite=False)
+    check_fresh_run_dir(tmp_path / "old", overwrite=True)
+
+
+def test_truncate_jsonl_keeps_the_steps_before_the_resume_point(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(6)))
+    assert truncate_jsonl(f, 4) == 2
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [0, 1, 2, 3]
+    assert truncate_jsonl(tmp_path / "absent.jsonl", 0) == 0
