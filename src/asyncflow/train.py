@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"asyncflow: config error: {e}", file=sys.stderr)
         return 2
-    from asyncflow.pipeline.runner import run
+    from asyncflow.pipeline.runner import StopRequested, run
 
     try:
         if cfg.run.name is not None and cfg.resume.lower() in ("false", "none", "no"):
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:  # user or data mistakes found while building the run
         print(f"asyncflow: error: {e}", file=sys.stderr)
         return 2
+    except StopRequested:  # SIGTERM/SIGINT: checkpointed at a step boundary
+        return 143
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from .conftest import REPO, torchrun
@@ -59,6 +60,13 @@ def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     a = load_file(tmp_path / "full" / "export" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # the export is a Hugging Face model directory: transformers loads it, every weight used
+    transformers = pytest.importorskip("transformers")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full" / "export", output_loading_info=True)
+    assert not any(info.values()), info
+    assert hf.model.embed_tokens.weight.equal(a["model.embed_tokens.weight"])
+    assert (tmp_path / "full" / "export" / "tokenizer.json").is_file()
     # the resumed run's accounting starts at step 4; together with the first half: each once
     first = [json.loads(x) for x in (tmp_path / "full/accounting/train_rank0.jsonl")
              .read_text().splitlines()]
@@ -158,3 +166,30 @@ def test_sigkilled_rank_mid_run_restarts_and_trains_every_prompt_exactly_once(tm
     _assert_each_prompt_trained_once(tmp_path / "killed", steps)
     final = _metrics(tmp_path / "killed")
     assert steps in final and "eval/accuracy" in final[steps]
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_run_resumes(tmp_path):
+    args = ["pipeline.num_steps=40", "checkpoint.every=0", f"run.root={tmp_path}",
+            "run.name=stopped", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "asyncflow.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler does to the job
+    out, _ = proc.communicate(timeout=120)
+    ckpts = list((tmp_path / "stopped" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1, out[-3000:]  # checkpoint.every=0: only the stop wrote one
+    stopped_at = int(ckpts[0].name.removeprefix("step_"))
+    assert 4 <= stopped_at < 40
+    log = (tmp_path / "stopped" / "logs" / "rank1.log").read_text()
+    assert f"stop requested: checkpoint step_{stopped_at} written" in log, out[-3000:]
+    _ok(torchrun(2, args, timeout_s=300))  # resume=auto
+    _assert_each_prompt_trained_once(tmp_path / "stopped", 40)

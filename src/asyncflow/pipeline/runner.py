@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -191,6 +193,36 @@ def export_hf(engine: FSDPTrainEngine, model_dir: Path, out: Path, leader: bool)
                 shutil.copy(model_dir / f, out / f)
 
 
+class StopRequested(Exception):
+    """SIGTERM or SIGINT: the train mesh wrote a checkpoint at the step boundary; the run ends
+    (exit code 143) and `resume=auto` continues it."""
+
+
+def _catch_stop_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _exit_after_stop(stop: threading.Event, marker: Path, timeout_s: float, abort) -> None:
+    """Ranks outside the train mesh: after a stop signal, wait (bounded) for the train mesh's
+    checkpoint (this rank may host the queue it snapshots), then leave."""
+    stop.wait()
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if marker.exists():
+        logger.info("stop requested: the train mesh checkpointed step %d; exiting",
+                    json.loads(marker.read_text())["step"])
+    else:
+        logger.error("stop requested, but no checkpoint within run.timeout_s=%g s", timeout_s)
+    abort()
+    for h in logger.parent.handlers if logger.parent else []:
+        h.flush()
+    os._exit(143 if marker.exists() else 1)
+
+
 def _thread(name: str, fn, abort) -> threading.Thread:
     def body():
         try:
@@ -216,6 +248,7 @@ def _thread(name: str, fn, abort) -> threading.Thread:
 def run(cfg: Config) -> Path:
     """Run the whole pipeline on this rank; returns the run directory."""
     torch.manual_seed(cfg.run.seed)
+    stop = _catch_stop_signals()
     rank, world, device = init_distributed(cfg.run.timeout_s)
     timeout = timedelta(seconds=cfg.run.timeout_s)
     meshes = build_meshes(cfg.placement, cfg.run.timeout_s, device)
@@ -230,6 +263,10 @@ def run(cfg: Config) -> Path:
     run_dir = Path(cfg.run.root) / name
     resume_from = _open_run_dir(cfg, run_dir, rank)
     start = step_of(resume_from) if resume_from is not None else 0
+    stop_marker = run_dir / "stopped.json"
+    if rank == 0:
+        stop_marker.unlink(missing_ok=True)
+    dist.barrier()
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         dropped = truncate_jsonl(run_dir / "metrics.jsonl", start)
@@ -344,10 +381,17 @@ def run(cfg: Config) -> Path:
             accounting = open(accounting_path, "a")
 
             def checkpoint(version: int) -> None:
-                if ckpt.due(version, p.num_steps):
+                stopping = torch.tensor([float(stop.is_set())])
+                dist.all_reduce(stopping, dist.ReduceOp.MAX, group=train_group)
+                if stopping.item() or ckpt.due(version, p.num_steps):
                     ckpt.save(version, policy, client.snapshot, {"num_steps": p.num_steps},
                               export=(lambda out: export_hf(policy, model_dir, out, dp_rank == 0))
                               if cfg.checkpoint.export_hf else None)
+                if stopping.item():
+                    if dp_rank == 0:
+                        stop_marker.write_text(json.dumps({"step": version}))
+                    logger.info("stop requested: checkpoint step_%d written; exiting", version)
+                    raise StopRequested(version)
 
             trainer = TrainStage(client, policy, drain, cfg.algorithm, cfg.rollout.temperature,
                                  recorder, sync, local_engine=engine if meshes.colocated else None,
@@ -403,6 +447,9 @@ def run(cfg: Config) -> Path:
                             "weights/exposed_s": engine.health().commit_stall_s - stall0})
                         recorder.stage_done("weights", version - 1)
                 threads.append(_thread("weights", receive, abort))
+            if not meshes.is_train:
+                threading.Thread(target=_exit_after_stop, name="stop", daemon=True,
+                                 args=(stop, stop_marker, cfg.run.timeout_s, abort)).start()
             if meshes.is_train and resume_from is not None:
                 trainer.send_weights(start - 1)
             for step in range(start, p.num_steps):
