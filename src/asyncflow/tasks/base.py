@@ -12,6 +12,7 @@ contract at the token boundary so every caller builds prompts and reads completi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,23 @@ class TaskConfig:
     """Which task to build; see `asyncflow.tasks.TASKS` for the valid kinds."""
     seed: int = 0
     """Fixes the held-out list and the train stream."""
+    reward_timeout_s: float = 10.0
+    """Seconds one reward call may take; past it the row fails and its reward worker restarts."""
+    on_reward_failure: str = "zero"
+    """A failed row's fate: `zero` (reward 0.0) or `drop_group` (its whole group gets advantage 0,
+    so it carries no gradient)."""
+
+    def __post_init__(self):
+        if not 0 < self.reward_timeout_s < math.inf:
+            raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s} must be a finite "
+                             f"number of seconds > 0")
+        if self.on_reward_failure not in ON_REWARD_FAILURE:
+            raise ValueError(f"task.on_reward_failure={self.on_reward_failure!r}; use one of "
+                             f"{list(ON_REWARD_FAILURE)}")
+
+
+ON_REWARD_FAILURE = ("zero", "drop_group")
+"""Valid `TaskConfig.on_reward_failure` values."""
 
 
 @dataclass
