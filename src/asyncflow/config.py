@@ -204,7 +204,7 @@ class Config:
                 f"pipeline.group_size={self.pipeline.group_size}: micro-batches hold whole groups")
 
 
-def _register() -> None:
+def _register(config_dir: Path) -> None:
     from hydra.core.config_store import ConfigStore
 
     from asyncflow.engines import TorchEngineConfig
@@ -215,6 +215,10 @@ def _register() -> None:
     cs.store(group="engine", name="torch_schema", node=TorchEngineConfig)
     for kind, (config_type, _) in TASKS.items():
         cs.store(group="task", name=f"{kind}_schema", node=config_type)
+        if not (config_dir / "task" / f"{kind}.yaml").is_file():
+            # a task registered from Python without a YAML file: `task=<kind>` is its schema's
+            # defaults (with a YAML file of the same name as well, Hydra would merge the two)
+            cs.store(group="task", name=kind, node=config_type)
 
 
 def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
@@ -228,7 +232,7 @@ def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _register()
+    _register(Path(config_dir))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
