@@ -5,7 +5,14 @@ from dataclasses import dataclass
 import pytest
 
 from asyncflow.config import ConfigError, load_config
-from asyncflow.tasks import TASKS, AdditionConfig, AdditionTask, TaskConfig, register_task
+from asyncflow.tasks import (
+    TASKS,
+    AdditionConfig,
+    AdditionTask,
+    JsonlTaskConfig,
+    TaskConfig,
+    register_task,
+)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -59,3 +66,11 @@ def test_register_task_refuses_a_kind_its_config_does_not_default_to():
     with pytest.raises(ValueError, match="'addition' is already registered"):
         register_task("addition", AdditionConfig, AdditionTask)
     assert "other" not in TASKS and "plain" not in TASKS
+
+
+def test_the_jsonl_task_composes_from_its_yaml(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "1+2=", "answer": "3"}\n')
+    cfg = load_config(["task=jsonl", f"task.path={path}", "task.heldout_size=1",
+                       "task.reward=numeric"])
+    assert cfg.task == JsonlTaskConfig(path=str(path), heldout_size=1, reward="numeric")

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from asyncflow.tasks.arithmetic import AdditionConfig, AdditionTask
 from asyncflow.tasks.base import (
+    ChecksTokenizer,
     Problem,
     Task,
     TaskConfig,
@@ -12,9 +13,11 @@ from asyncflow.tasks.base import (
     split_completion,
     train_problems,
 )
+from asyncflow.tasks.jsonl import JsonlTask, JsonlTaskConfig
 
 TASKS: dict[str, tuple[type[TaskConfig], Callable[..., Task]]] = {
     "addition": (AdditionConfig, AdditionTask),
+    "jsonl": (JsonlTaskConfig, JsonlTask),
 }
 
 
@@ -58,6 +61,9 @@ __all__ = [
     "TASKS",
     "AdditionConfig",
     "AdditionTask",
+    "ChecksTokenizer",
+    "JsonlTask",
+    "JsonlTaskConfig",
     "Problem",
     "Task",
     "TaskConfig",

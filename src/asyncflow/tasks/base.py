@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -79,18 +79,30 @@ def train_problems(task: Task, start: int, count: int) -> list[Problem]:
     return [task.train_problem(i) for i in range(start, start + count)]
 
 
-class _Encoder(Protocol):
+class Encoder(Protocol):
+    """What tasks need of a tokenizer (`asyncflow.models.Tokenizer` and HF tokenizers fit)."""
+
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-def encode_prompt(tokenizer: _Encoder, prompt: str) -> list[int]:
+@runtime_checkable
+class ChecksTokenizer(Protocol):
+    """A task whose data can be checked against the model's tokenizer before a run starts."""
+
+    def check_tokenizer(self, tokenizer: Encoder, max_prompt_tokens: int) -> None:
+        """Raise ValueError naming the offending row if the tokenizer cannot encode some prompt
+        or answer, or a prompt is longer than `max_prompt_tokens` (special tokens included)."""
+        ...
+
+
+def encode_prompt(tokenizer: Encoder, prompt: str) -> list[int]:
     """Prompt ids with the tokenizer's special-token template applied (e.g. a leading `<bos>`)."""
     return list(tokenizer.encode(prompt, add_special_tokens=True))
 
 
 def split_completion(
-    tokenizer: _Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
+    tokenizer: Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
 ) -> tuple[str, bool]:
     """(text before the first EOS with special tokens kept, whether an EOS was generated)."""
     ids = list(response_ids)
