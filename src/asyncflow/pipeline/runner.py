@@ -51,7 +51,7 @@ from asyncflow.pipeline.stages import (
 )
 from asyncflow.pipeline.trainer import DataParallelDrain, ReferenceStage, TrainStage
 from asyncflow.queue import ColumnSpec, QueueConfig, StageSpec, connect, serve
-from asyncflow.tasks import AdditionConfig, build_task
+from asyncflow.tasks import AdditionConfig, ChecksTokenizer, build_task
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
 from asyncflow.weights import LocalSync, build_weight_sync, weight_specs
 
@@ -179,6 +179,8 @@ def run(cfg: Config) -> Path:
     shape = StepShape(p.prompts_per_step, p.group_size, p.num_steps, p.max_staleness,
                       cfg.run.timeout_s, chunk_rows=cfg.trainer.micro_batch_size)
     max_prompt = model_cfg.max_position_embeddings - cfg.rollout.max_new_tokens
+    if isinstance(task, ChecksTokenizer):  # e.g. a user's data file: fail here, naming the line
+        task.check_tokenizer(tokenizer, max_prompt)
 
     server = None
     port = torch.tensor([0])
