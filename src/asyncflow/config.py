@@ -218,7 +218,7 @@ class Config:
                 f"pipeline.group_size={self.pipeline.group_size}: micro-batches hold whole groups")
 
 
-def _register() -> None:
+def _register(config_dir: Path) -> None:
     from hydra.core.config_store import ConfigStore
 
     from asyncflow.engines import TorchEngineConfig
@@ -229,6 +229,10 @@ def _register() -> None:
     cs.store(group="engine", name="torch_schema", node=TorchEngineConfig)
     for kind, (config_type, _) in TASKS.items():
         cs.store(group="task", name=f"{kind}_schema", node=config_type)
+        if not (config_dir / "task" / f"{kind}.yaml").is_file():
+            # a task registered from Python without a YAML file: `task=<kind>` is its schema's
+            # defaults (with a YAML file of the same name as well, Hydra would merge the two)
+            cs.store(group="task", name=kind, node=config_type)
 
 
 def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
@@ -242,7 +246,7 @@ def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _register()
+    _register(Path(config_dir))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
@@ -259,14 +263,18 @@ def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
 def _one_line(e: BaseException | None) -> str:
     """Hydra/OmegaConf errors span lines and chain causes; keep what names the key and value."""
     parts: list[str] = []
+    key = None
     while e is not None:
         for line in str(e).splitlines():
             line = line.strip()
-            if line and not line.startswith(("full_key", "object_type", "reference_type")) \
+            if line.startswith("full_key:") and line.removeprefix("full_key:").strip():
+                key = key or line.removeprefix("full_key:").strip()
+            elif line and not line.startswith(("full_key", "object_type", "reference_type")) \
                     and line not in parts:
                 parts.append(line)
         e = e.__cause__
-    return " ".join(parts)
+    text = " ".join(parts)
+    return text if key is None or key in text else f"{key}: {text}"
 
 
 def default_run_name() -> str:

@@ -24,11 +24,37 @@ from .conftest import REPO, torchrun
     ("trainer.optim.max_nonfinite_steps=0", "max_nonfinite_steps=0 must be >= 1"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, message):
-    out = subprocess.run([sys.executable, "-m", "asyncflow.train", override], cwd=REPO,
+    _assert_one_line_and_exit_2([override], message)
+
+
+def _assert_one_line_and_exit_2(overrides: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "asyncflow.train", *overrides], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
+    assert lines[0].startswith("asyncflow: config error: "), out.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "1+1=", "answer": "02"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
+    ("", "bad.jsonl: the file is empty"),
+    ('{"prompt": "1+1=", "answer": 2}\n', 'bad.jsonl:1: field "answer" must be a string'),
+    ('{"prompt": "1+1=", "answer": "02"}\n\n{"prompt": "", "answer": "2"}\n',
+     "bad.jsonl:3: empty prompt"),
+    ('{"answer": "2"}\n', 'bad.jsonl:1: missing field "prompt"'),
+    ("[1, 2]\n", "bad.jsonl:1: expected a JSON object"),
+])
+def test_malformed_jsonl_file_is_one_line_naming_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    _assert_one_line_and_exit_2(["task=jsonl", f"task.path={path}"], f"task.path: {tmp_path}/{message}")
+
+
+def test_missing_jsonl_file_or_path_is_one_line(tmp_path):
+    _assert_one_line_and_exit_2(["task=jsonl", f"task.path={tmp_path}/none.jsonl"],
+                                f"task.path: {tmp_path}/none.jsonl: no such file")
+    _assert_one_line_and_exit_2(["task=jsonl"], "missing mandatory value: path")
 
 
 def test_placement_that_does_not_match_world_size(tmp_path):

@@ -39,6 +39,17 @@ def test_rloo_baseline_is_mean_of_the_others():
     assert torch.allclose(adv, torch.tensor([[1.0, -0.5, -0.5]]))
 
 
+@pytest.mark.parametrize("baseline, normalize_std", [("mean", True), ("mean", False),
+                                                     ("loo", False)])
+def test_a_group_with_a_non_finite_reward_gets_zero_advantage(baseline, normalize_std):
+    rewards = torch.tensor([[1.0, math.nan, 0.0], [1.0, 0.0, 0.0], [math.inf, 1.0, 1.0]])
+    adv, m = group_advantages(rewards, baseline, normalize_std)
+    assert torch.equal(adv[0], torch.zeros(3)) and torch.equal(adv[2], torch.zeros(3))
+    alone, _ = group_advantages(rewards[1:2], baseline, normalize_std)
+    assert torch.equal(adv[1], alone[0]) and bool(adv[1].ne(0).all())
+    assert m["advantage/zero_std_frac"] == pytest.approx(2 / 3)
+
+
 def test_advantages_refuse_bad_input():
     with pytest.raises(ValueError, match="groups, group_size"):
         group_advantages(torch.ones(4))

@@ -1,44 +1,93 @@
-"""A reward function that raises or returns a non-number costs that row, never the run."""
+"""A faulty reward function costs its row (or, under drop_group, its group), never the run: the
+reward and advantage stages over a real in-process queue, with a recorder writing to a list."""
 
 import logging
+import math
 
+import pytest
 import torch
 
-from asyncflow.pipeline.stages import RewardStage
-from asyncflow.tasks import Problem
+from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.stages import AdvantageStage, RewardStage, StepShape
+from asyncflow.queue import ColumnSpec, Controller, QueueConfig, StageSpec, connect
 from asyncflow.tasks.tiny import build_char_tokenizer
+from tests.faulty_tasks import ScriptedTask
+
+N = 2  # rows per group; the first completion of a group is right, the second wrong
+TIMEOUT_S = 0.5
 
 
-class BrokenTask:
-    def __init__(self, result):
-        self.result = result
+class ListSink:
+    def __init__(self):
+        self.records: dict[int, dict[str, float]] = {}
 
-    def train_problem(self, index):
-        return Problem(index, "1+1=", "0002")
+    def write(self, step, metrics):
+        self.records[step] = metrics
 
-    def heldout_problems(self):
-        return []
-
-    def reward(self, completion, answer, finished):
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
+    def close(self):
+        pass
 
 
-def _stage(task):
-    return RewardStage(q=None, task=task, tokenizer=build_char_tokenizer(), shape=None,
-                       recorder=None)
-
-
-def test_reward_failures_are_counted_per_row_and_logged(caplog):
+def _run_step(script: tuple[str, ...], on_failure: str):
+    """Put one step (a group per problem of `script`), run reward and advantage on it; returns
+    the step's metrics, the rewards and advantages by row, and the stage."""
+    P = len(script)
+    cfg = QueueConfig(
+        columns=[ColumnSpec("response_ids", "int64", [8], ragged=True),
+                 ColumnSpec("finished", "int64", []), ColumnSpec("uid", "int64", []),
+                 ColumnSpec("reward", "float32", []), ColumnSpec("advantage", "float32", [])],
+        stages=[StageSpec("reward", ["response_ids", "finished", "uid"]),
+                StageSpec("advantage", ["reward"]), StageSpec("train", ["reward", "advantage"])],
+        capacity_rows=P * N, group_size=N, rows_per_step=P * N, transport="local", timeout_s=5.0)
+    q = connect(cfg, 0, controller=Controller(cfg))
     tok = build_char_tokenizer()
-    response = torch.tensor(tok.encode("0002") + [tok.eos_id])
+    responses = [torch.tensor(tok.encode(text) + [tok.eos_id]) for _ in script
+                 for text in ("0002", "0003")]
+    q.put({"response_ids": responses, "finished": torch.ones(P * N, dtype=torch.long),
+           "uid": torch.arange(P).repeat_interleave(N)}, step=0,
+          group_ids=[g for g in range(P) for _ in range(N)])
+    sink = ListSink()
+    recorder = StepRecorder(["reward", "advantage"], None, [sink])
+    shape = StepShape(P, N, num_steps=1, max_staleness=0, timeout_s=5.0, chunk_rows=N)
+    stage = RewardStage(q, ScriptedTask(script), tok, shape, recorder, TIMEOUT_S, on_failure)
+    try:
+        stage.run_step(0)
+    finally:
+        stage.close()
+    AdvantageStage(q, shape, recorder, "mean", normalize_std=True).run_step(0)
+    batch = q.get("train", P * N, timeout_s=1.0)
+    by_row = {r: i for i, r in enumerate(batch.row_ids)}
+    rewards = [batch.columns["reward"][by_row[r]].item() for r in range(P * N)]
+    advantages = [batch.columns["advantage"][by_row[r]].item() for r in range(P * N)]
+    q.close()
+    return sink.records[0], rewards, advantages
+
+
+def test_each_faulty_reward_is_a_counted_failure_logged_with_its_row_and_zero_reward(caplog):
+    script = ("0002", "hang", "raise", "nan", "string", "exit")
     with caplog.at_level(logging.WARNING, logger="asyncflow"):
-        assert _stage(BrokenTask(RuntimeError("sandbox died"))).score(7, response, True, 3) is None
-        assert _stage(BrokenTask(float("nan"))).score(8, response, True, 3) is None
-        assert _stage(BrokenTask("yes")).score(9, response, True, 3) is None
+        metrics, rewards, advantages = _run_step(script, "zero")
+    assert rewards == [1.0, 0.0] + [0.0] * 10
+    assert advantages[0] > 0 > advantages[1] and advantages[2:] == [0.0] * 10
+    assert metrics["reward/failures"] == 10 and metrics["reward/timeouts"] == 2
+    assert metrics["reward/dropped_groups"] == 0
+    assert metrics["reward/mean"] == pytest.approx(1 / 12)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("row 7 (problem 3) failed: RuntimeError: sandbox died" in m for m in messages)
-    assert any("row 8" in m and "nan" in m for m in messages)
-    assert any("row 9" in m and "ValueError" in m for m in messages)
-    assert _stage(BrokenTask(1.0)).score(10, response, True, 3) == 1.0
+    reasons = {"hang": "timeout after 0.5 s", "raise": "RuntimeError: sandbox died",
+               "nan": "returned nan", "string": "returned str '1.0', not a number",
+               "exit": "reward worker died (exit code 3)"}
+    for uid, how in enumerate(script[1:], start=1):
+        for row in (N * uid, N * uid + 1):
+            assert any(f"row {row} (problem {uid}) failed: {reasons[how]}" in m
+                       for m in messages), (row, messages)
+
+
+def test_drop_group_gives_a_failed_rows_group_zero_advantage_and_counts_it():
+    metrics, rewards, advantages = _run_step(("0002", "raise", "0002", "nan"), "drop_group")
+    assert rewards[:2] == [1.0, 0.0] == rewards[4:6]
+    assert all(math.isnan(r) for r in rewards[2:4] + rewards[6:])
+    assert advantages[0] > 0 > advantages[1] and advantages[4] > 0 > advantages[5]
+    assert advantages[2:4] == [0.0, 0.0] == advantages[6:]
+    assert metrics["reward/failures"] == 4 and metrics["reward/timeouts"] == 0
+    assert metrics["reward/dropped_groups"] == 2
+    assert metrics["reward/mean"] == pytest.approx(0.5)  # over the rows that have a reward

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asyncflow.models import Tokenizer, load_pretrained
-from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
+from asyncflow.tasks import AdditionConfig, AdditionTask, encode_prompt, split_completion
 from asyncflow.tasks.tiny import (
     MARKER,
     SFTError,
@@ -80,6 +80,13 @@ def test_cache_name_depends_on_every_field():
     assert TinyModelConfig(lr=3e-3).name != base.name
     assert TinyModelConfig(stop_accuracy=0.3).name != base.name
     assert base.name.startswith("tiny-add3-s-seed0-")
+
+
+def test_cache_name_ignores_how_rewards_run():
+    # the name every prepared cache was made under before the task grew reward-running fields
+    assert TinyModelConfig().name == "tiny-add3-s-seed0-15e54f6002"
+    task = AdditionConfig(reward_timeout_s=1.0, on_reward_failure="drop_group")
+    assert TinyModelConfig(task=task).name == TinyModelConfig().name
 
 
 def test_default_cache_dir_honours_env(monkeypatch, tmp_path):

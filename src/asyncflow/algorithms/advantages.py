@@ -18,13 +18,17 @@ def group_advantages(
 
     baseline "mean": r - mean(group) (GRPO; with normalize_std=False this is Dr. GRPO);
     baseline "loo": r - mean(other rows of the group) (RLOO). normalize_std divides by the group's
-    unbiased std + eps. Returns advantages [G, N] and metrics (fraction of groups whose rewards are
-    all equal, which carry no gradient).
+    unbiased std + eps. A group holding a non-finite reward (a failed row under
+    `on_reward_failure=drop_group`) gets advantage 0 on every row: it carries no gradient. Returns
+    advantages [G, N] and metrics (fraction of groups whose rewards are all equal, which carry no
+    gradient; dropped groups count as such).
     """
     if rewards_GN.dim() != 2:
         raise ValueError(f"rewards must be [groups, group_size], got shape {list(rewards_GN.shape)}")
     G, N = rewards_GN.shape
     r = rewards_GN.float()
+    dropped_G1 = ~torch.isfinite(r).all(dim=1, keepdim=True)
+    r = r.masked_fill(dropped_G1, 0.0)  # an all-zero group: advantage 0 on every baseline
     mean_G1 = r.mean(dim=1, keepdim=True)
     if baseline == "mean":
         adv_GN = r - mean_G1

@@ -4,11 +4,13 @@
  rank 0:            queue controller, prompts thread, metrics writer (+ its mesh's stages)
  rollout ranks:     main: rollout (+ eval on the first)   threads: reward, weight receiver,
                                                                 advantage (first rollout rank)
+                    child processes: a reward worker for the reward thread (+ one for eval)
  train ranks:       main: train (+ weight send)            threads: reference (with KL)
  colocated:         every rank runs all of its stages one after another on the main thread
 ```
 
-Shutdown order: main loops finish their last step -> stage threads joined -> recorder.finish()
+Shutdown order: main loops finish their last step -> stage threads joined -> reward workers
+stopped -> recorder.finish()
 (rank 0 waits for every rank's last metrics) -> barrier -> queue clients closed -> controller
 closed -> process group destroyed. A stage thread that raises logs the traceback and exits the
 process: torchrun then stops the other ranks, so a failure is never a silent hang.
@@ -48,6 +50,7 @@ from asyncflow.metrics import build_sinks
 from asyncflow.metrics.trace import Tracer, merge_traces
 from asyncflow.models import ModelConfig, Tokenizer, save_weights
 from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.reward_worker import RewardWorker
 from asyncflow.pipeline.stages import (
     AdvantageStage,
     PromptStage,
@@ -59,7 +62,7 @@ from asyncflow.pipeline.stages import (
 )
 from asyncflow.pipeline.trainer import DataParallelDrain, ReferenceStage, TrainStage
 from asyncflow.queue import ColumnSpec, QueueConfig, StageSpec, connect, serve
-from asyncflow.tasks import AdditionConfig, build_task
+from asyncflow.tasks import AdditionConfig, ChecksTokenizer, build_task
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
 from asyncflow.weights import LocalSync, build_weight_sync, weight_specs
 
@@ -283,6 +286,8 @@ def run(cfg: Config) -> Path:
     shape = StepShape(p.prompts_per_step, p.group_size, p.num_steps, p.max_staleness,
                       cfg.run.timeout_s, chunk_rows=cfg.trainer.micro_batch_size)
     max_prompt = model_cfg.max_position_embeddings - cfg.rollout.max_new_tokens
+    if isinstance(task, ChecksTokenizer):  # e.g. a user's data file: fail here, naming the line
+        task.check_tokenizer(tokenizer, max_prompt)
 
     server = None
     port = torch.tensor([0])
@@ -333,7 +338,9 @@ def run(cfg: Config) -> Path:
             share = -(-p.prompts_per_step // len(meshes.rollout_ranks)) * p.group_size
             seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
                                     cfg.run.seed * 7919 + rank, share))
-            seq.append(RewardStage(client, task, tokenizer, shape, recorder))
+            reward = RewardStage(client, task, tokenizer, shape, recorder,
+                                 cfg.task.reward_timeout_s, cfg.task.on_reward_failure)
+            seq.append(reward)
             if rank == meshes.rollout_ranks[0]:
                 # on the rollout side: the train rank is the usual bottleneck, and advantages need
                 # only the rewards, which live here
@@ -402,6 +409,8 @@ def run(cfg: Config) -> Path:
         eval_problems = task.heldout_problems()[:p.eval_size]
         commit_lock = threading.Lock()
         first_rollout = meshes.is_rollout and rank == meshes.rollout_ranks[0]
+        # its own worker: evaluation runs on the main thread while the reward thread scores
+        eval_scorer = RewardWorker(task, cfg.task.reward_timeout_s) if first_rollout else None
 
         def maybe_eval(step: int) -> None:
             if first_rollout and (step % p.eval_every == 0 or step == p.num_steps):
@@ -409,8 +418,10 @@ def run(cfg: Config) -> Path:
                 gate.wait_for(step - p.max_staleness, cfg.run.timeout_s)
                 # no commit lands mid-evaluation: every held-out answer comes from one version
                 with commit_lock, recorder.span(step, "eval", "eval"):
-                    acc = evaluate(engine, task, tokenizer, eval_problems, cfg.rollout.max_new_tokens)
+                    acc, failures = evaluate(engine, eval_scorer, tokenizer, eval_problems,
+                                             cfg.rollout.max_new_tokens)
                 recorder.set(step, "eval/accuracy", acc)
+                recorder.set(step, "eval/reward_failures", failures)
                 recorder.set(step, "eval/policy_version", engine.policy_version)
 
         def steps(stage) -> range:
@@ -465,6 +476,10 @@ def run(cfg: Config) -> Path:
             trainer.close()
             accounting.close()
             export_hf(policy, model_dir, run_dir / "export", dp_rank == 0)
+        if meshes.is_rollout:
+            reward.close()
+        if eval_scorer is not None:
+            eval_scorer.close()
         recorder.finish()
         tracer.write(run_dir / "trace")
         dist.barrier()

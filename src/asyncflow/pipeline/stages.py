@@ -29,6 +29,7 @@ from asyncflow.engines import GenerationRequest, RolloutEngine, SamplingParams
 from asyncflow.log import get_logger
 from asyncflow.models import Tokenizer
 from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.reward_worker import RewardItem, RewardOutcome, RewardWorker
 from asyncflow.queue import GroupSampler, QueueClient, Ragged, StepSampler
 from asyncflow.tasks import Problem, Task, encode_prompt, split_completion
 
@@ -204,64 +205,81 @@ class RolloutStage:
             num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)])
 
 
-def evaluate(engine: RolloutEngine, task: Task, tokenizer: Tokenizer, problems: list[Problem],
-             max_new_tokens: int) -> float:
-    """Greedy accuracy on held-out problems with the engine's current (pinned) weights."""
+def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
+             problems: list[Problem], max_new_tokens: int) -> tuple[float, int]:
+    """Greedy accuracy on held-out problems with the engine's current (pinned) weights, and the
+    number of reward failures (each scored 0: a held-out row is never dropped)."""
     requests = [GenerationRequest(f"eval{p.uid}", encode_prompt(tokenizer, p.prompt),
                                   SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
                 for p in problems]
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    correct = 0.0
+    items = []
     for p, c in zip(problems, engine.generate(requests), strict=True):
         text, finished = split_completion(tokenizer, c.token_ids, eos)
-        correct += task.reward(text, p.answer, finished)
-    return correct / len(problems)
+        items.append(RewardItem(p.uid, text, p.answer, finished))
+    outcomes = scorer.score(items)
+    for p, o in zip(problems, outcomes, strict=True):
+        if o.error is not None:
+            logger.warning("eval: held-out problem %d: reward failed: %s", p.uid, o.error)
+    return sum(o.value or 0.0 for o in outcomes) / len(problems), \
+        sum(o.value is None for o in outcomes)
+
+
+FAILED_REWARD = {"zero": 0.0, "drop_group": math.nan}
+"""Reward a failed row gets, by `TaskConfig.on_reward_failure`; NaN makes the advantage stage
+zero the row's whole group."""
 
 
 class RewardStage:
-    """Scores responses against the task's answers. A reward function that raises or returns a
-    non-number costs that row a zero reward and a counted, logged failure, never the run."""
+    """Scores responses against the task's answers in an isolated worker process. A reward that
+    raises, returns a non-finite number or a non-number, runs past `timeout_s` or kills its process
+    costs that row a counted, logged failure, never the run; the row's reward is then
+    `FAILED_REWARD[on_failure]`."""
 
     name = "reward"
 
     def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape,
-                 recorder: StepRecorder):
+                 recorder: StepRecorder, timeout_s: float = 10.0, on_failure: str = "zero"):
         self.q, self.task, self.tok, self.shape, self.rec = q, task, tokenizer, shape, recorder
         self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        self.failed_reward = FAILED_REWARD[on_failure]
+        self.worker = RewardWorker(task, timeout_s)
 
-    def score(self, row: int, response: torch.Tensor, finished: bool, uid: int) -> float | None:
-        try:
+    def score(self, rows: list[int], responses: list[torch.Tensor], finished: list[bool],
+              uids: list[int]) -> list[RewardOutcome]:
+        """One outcome per row; failures are logged with the row id, problem uid and reason."""
+        items = []
+        for row, response, fin, uid in zip(rows, responses, finished, uids, strict=True):
             text, stopped = split_completion(self.tok, response.tolist(), self.eos)
-            value = float(self.task.reward(text, self.task.train_problem(uid).answer,
-                                           stopped and finished))
-            if not math.isfinite(value):
-                raise ValueError(f"reward is {value}")
-            return value
-        except Exception as e:  # deliberately tolerated: user reward code
-            logger.warning("reward: row %d (problem %d) failed: %s: %s", row, uid,
-                           type(e).__name__, e)
-            return None
+            items.append(RewardItem(row, text, self.task.train_problem(uid).answer,
+                                    stopped and fin))
+        outcomes = self.worker.score(items)
+        for row, uid, o in zip(rows, uids, outcomes, strict=True):
+            if o.error is not None:
+                logger.warning("reward: row %d (problem %d) failed: %s", row, uid, o.error)
+        return outcomes
 
     def run_step(self, step: int) -> None:
         for batch in drain_step(self.q, self.name, step, self.shape.rows_per_step,
                                 self.shape.timeout_s, ["response_ids", "finished", "uid"],
                                 min_rows=self.shape.chunk_rows):
-            rewards, failures = [], 0
             with self.rec.span(step, self.name, "score"):
-                for row, resp, fin, uid in zip(
-                        batch.row_ids, _rows(batch.columns["response_ids"]),
-                        batch.columns["finished"].tolist(), batch.columns["uid"].tolist(),
-                        strict=True):
-                    r = self.score(row, resp, bool(fin), uid)
-                    failures += r is None
-                    rewards.append(0.0 if r is None else r)
+                outcomes = self.score(batch.row_ids, _rows(batch.columns["response_ids"]),
+                                      [bool(f) for f in batch.columns["finished"].tolist()],
+                                      batch.columns["uid"].tolist())
+                rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
                 self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32)},
                            rows=batch.row_ids)
                 self.q.ack(batch)
             for r in rewards:
-                self.rec.mean(step, "reward/mean", r)
-            self.rec.total(step, "reward/failures", failures)
+                if not math.isnan(r):  # a dropped row has no reward to average
+                    self.rec.mean(step, "reward/mean", r)
+            self.rec.total(step, "reward/failures", sum(o.value is None for o in outcomes))
+            self.rec.total(step, "reward/timeouts", sum(o.timed_out for o in outcomes))
         self.rec.stage_done(self.name, step)
+
+    def close(self) -> None:
+        self.worker.close()
 
 
 class AdvantageStage:
@@ -294,7 +312,9 @@ class AdvantageStage:
                 order = sorted(range(len(batch)),
                                key=lambda i: (batch.group_ids[i], batch.row_ids[i]))
                 rewards_GN = batch.columns["reward"][order].view(-1, N)
+                # a group with a NaN reward (a failed row under drop_group) gets advantage 0
                 adv_GN, _ = group_advantages(rewards_GN, self.baseline, self.normalize_std)
+                dropped_G = ~torch.isfinite(rewards_GN).all(dim=1)
                 adv = torch.empty(len(batch))
                 adv[order] = adv_GN.flatten()
                 self.q.put({"advantage": adv}, rows=batch.row_ids)
@@ -302,6 +322,7 @@ class AdvantageStage:
             for g in range(len(batch) // N):
                 s = batch.steps[order[g * N]]
                 self.groups_done[s] = self.groups_done.get(s, 0) + 1
-                flat = bool((rewards_GN[g] == rewards_GN[g, 0]).all())
+                flat = bool((rewards_GN[g] == rewards_GN[g, 0]).all() or dropped_G[g])
                 self.rec.mean(s, "advantage/flat_group_frac", float(flat))
+                self.rec.total(s, "reward/dropped_groups", float(dropped_G[g]))
         self.rec.stage_done(self.name, step)  # groups of later steps are reported at their turn

@@ -33,6 +33,7 @@ class AdditionConfig(TaskConfig):
     """Number of distinct operand pairs in the fixed held-out list."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_digits < 1:
             raise ValueError(f"AdditionConfig.num_digits={self.num_digits} must be >= 1")
         max_heldout = 10 ** (2 * self.num_digits) // 4

@@ -12,9 +12,10 @@ contract at the token boundary so every caller builds prompts and reads completi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
@@ -25,6 +26,23 @@ class TaskConfig:
     """Which task to build; see `asyncflow.tasks.TASKS` for the valid kinds."""
     seed: int = 0
     """Fixes the held-out list and the train stream."""
+    reward_timeout_s: float = 10.0
+    """Seconds one reward call may take; past it the row fails and its reward worker restarts."""
+    on_reward_failure: str = "zero"
+    """A failed row's fate: `zero` (reward 0.0) or `drop_group` (its whole group gets advantage 0,
+    so it carries no gradient)."""
+
+    def __post_init__(self):
+        if not 0 < self.reward_timeout_s < math.inf:
+            raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s} must be a finite "
+                             f"number of seconds > 0")
+        if self.on_reward_failure not in ON_REWARD_FAILURE:
+            raise ValueError(f"task.on_reward_failure={self.on_reward_failure!r}; use one of "
+                             f"{list(ON_REWARD_FAILURE)}")
+
+
+ON_REWARD_FAILURE = ("zero", "drop_group")
+"""Valid `TaskConfig.on_reward_failure` values."""
 
 
 @dataclass
@@ -61,18 +79,30 @@ def train_problems(task: Task, start: int, count: int) -> list[Problem]:
     return [task.train_problem(i) for i in range(start, start + count)]
 
 
-class _Encoder(Protocol):
+class Encoder(Protocol):
+    """What tasks need of a tokenizer (`asyncflow.models.Tokenizer` and HF tokenizers fit)."""
+
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
-def encode_prompt(tokenizer: _Encoder, prompt: str) -> list[int]:
+@runtime_checkable
+class ChecksTokenizer(Protocol):
+    """A task whose data can be checked against the model's tokenizer before a run starts."""
+
+    def check_tokenizer(self, tokenizer: Encoder, max_prompt_tokens: int) -> None:
+        """Raise ValueError naming the offending row if the tokenizer cannot encode some prompt
+        or answer, or a prompt is longer than `max_prompt_tokens` (special tokens included)."""
+        ...
+
+
+def encode_prompt(tokenizer: Encoder, prompt: str) -> list[int]:
     """Prompt ids with the tokenizer's special-token template applied (e.g. a leading `<bos>`)."""
     return list(tokenizer.encode(prompt, add_special_tokens=True))
 
 
 def split_completion(
-    tokenizer: _Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
+    tokenizer: Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
 ) -> tuple[str, bool]:
     """(text before the first EOS with special tokens kept, whether an EOS was generated)."""
     ids = list(response_ids)

@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 """Bumped whenever the recipe changes in a way the config hash cannot see."""
 MARKER = "prep.json"
 """Written last; its presence marks a complete prepared directory."""
+REWARD_RUNTIME_FIELDS = ("reward_timeout_s", "on_reward_failure")
+"""Task fields that say how rewards are run during RL, not what the model learns: left out of the
+cache hash, so adding or changing them does not invalidate prepared models."""
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 CHARACTERS = tuple("0123456789") + tuple("+-*/=().") + (" ",)
@@ -106,8 +109,11 @@ class TinyModelConfig:
 
     @property
     def name(self) -> str:
-        """Cache directory name: readable prefix plus a hash of every field."""
-        blob = json.dumps([FORMAT_VERSION, dataclasses.asdict(self)], sort_keys=True)
+        """Cache directory name: readable prefix plus a hash of every field that shapes the model."""
+        recipe = dataclasses.asdict(self)
+        for key in REWARD_RUNTIME_FIELDS:
+            del recipe["task"][key]
+        blob = json.dumps([FORMAT_VERSION, recipe], sort_keys=True)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         return f"tiny-add{self.task.num_digits}-{self.size}-seed{self.seed}-{digest}"
 
