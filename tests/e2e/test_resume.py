@@ -34,10 +34,12 @@ def _trained_uids(run: Path) -> list[int]:
     return uids
 
 
-def _assert_each_prompt_trained_once(run: Path, num_steps: int, prompts: int = 8, n: int = 8):
+def _assert_each_prompt_trained_once(run: Path, num_steps: int, prompts: int = 8, n: int = 8,
+                                     skip_steps: int = 0):
     uids = _trained_uids(run)
     # problem uid = train stream index; step s trains problems [s*P, (s+1)*P), n rows each
-    assert sorted(uids) == sorted(u for u in range(num_steps * prompts) for _ in range(n))
+    assert sorted(uids) == sorted(u for u in range(skip_steps * prompts, num_steps * prompts)
+                                  for _ in range(n))
 
 
 def _ok(out):
@@ -74,6 +76,26 @@ def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path):
               .read_text().splitlines()]
     assert [d["step"] for d in second] == [4, 5, 6, 7]
     assert [d for d in first if d["step"] >= 4] == second
+
+
+def test_resume_with_two_rollout_and_two_train_ranks_and_kl_is_bitwise_too(tmp_path):
+    # DCP shards over 2 train ranks, the reference stage resumes, rows split across 2 engines
+    base = ["placement=split_2x2", "algorithm.kl_coef=0.01", "pipeline.num_steps=6",
+            "checkpoint.every=3", f"run.root={tmp_path}", *SMALL]
+    _ok(torchrun(4, [*base, "run.name=full"], timeout_s=300))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_3"
+    assert len(list((ckpt / "train").glob("*.distcp"))) == 2
+    _ok(torchrun(4, [*base, "run.name=resumed", f"resume={ckpt}"], timeout_s=300))
+    full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for step, record in resumed.items():
+        keys = [k for k in record if not k.startswith(TIMING)]
+        assert {k: record[k] for k in keys} == {k: full[step].get(k) for k in keys}, step
+    assert "loss/kl" in resumed[4]
+    a = load_file(tmp_path / "full" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "export" / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)
+    _assert_each_prompt_trained_once(tmp_path / "resumed", 6, skip_steps=3)
 
 
 def test_resume_with_staleness_1_keeps_the_bound_and_skips_a_corrupted_checkpoint(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,13 +176,18 @@ class Checkpointer:
              export=None) -> Path:
         """Write checkpoint `step_<version>`. `queue_snapshot()` (leader only) is taken first.
         `export(dir)`, when given, writes an HF copy of the policy (every train rank calls it)."""
+        t0 = time.perf_counter()
         final = self.root / f"step_{version}"
         tmp = self.root / f".step_{version}.tmp"
         if self.leader:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            torch.save(queue_snapshot(), tmp / "queue.pt")
+            snapshot = queue_snapshot()
+            torch.save(snapshot, tmp / "queue.pt")
+            meta = {**meta, "data_cursor": {"next_train_step": version,
+                                            "next_prompt_step": next_prompt_step(snapshot, version),
+                                            "queued_rows": len(snapshot["meta"]["rows"])}}
         dist.barrier(group=self.group)
         model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train"),
@@ -200,7 +206,7 @@ class Checkpointer:
             tmp.rename(final)
             for old in checkpoints(self.root)[self.cfg.keep:]:
                 shutil.rmtree(old)
-            logger.info("checkpoint %s written", final)
+            logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
         return final
 
     def load(self, path: Path, engine) -> dict[str, Any]:
@@ -222,3 +228,9 @@ class Checkpointer:
 
 def load_queue(path: Path) -> dict[str, Any]:
     return torch.load(path / "queue.pt", weights_only=True)
+
+
+def next_prompt_step(snapshot: dict[str, Any], step: int) -> int:
+    """The data cursor: prompts continue after the last step whose rows the queue holds (the
+    prompt stage puts a step's rows at once; the train stage is at `step`)."""
+    return max([step, *(row[1] + 1 for row in snapshot["meta"]["rows"])])

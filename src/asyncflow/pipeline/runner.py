@@ -37,6 +37,7 @@ from asyncflow.checkpoint import (
     Checkpointer,
     check_fresh_run_dir,
     load_queue,
+    next_prompt_step,
     resolve_resume,
     step_of,
     truncate_jsonl,
@@ -305,9 +306,9 @@ def run(cfg: Config) -> Path:
             if rank == meshes.train_ranks[0]:
                 snapshot = load_queue(resume_from)
                 client.restore(snapshot)
-                steps = [r[1] for r in snapshot["meta"]["rows"]]
-                prompt_start[0] = max([start, *(s + 1 for s in steps)])
-                logger.info("queue restored: %d rows of steps %s", len(steps), sorted(set(steps)))
+                prompt_start[0] = next_prompt_step(snapshot, start)
+                logger.info("queue restored: %d rows of steps %s", len(snapshot["meta"]["rows"]),
+                            sorted({r[1] for r in snapshot["meta"]["rows"]}))
             dist.broadcast(prompt_start, meshes.train_ranks[0])
 
         stage_names = []
@@ -336,8 +337,10 @@ def run(cfg: Config) -> Path:
                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                       top_k=cfg.rollout.top_k)
             share = -(-p.prompts_per_step // len(meshes.rollout_ranks)) * p.group_size
+            # a row's sampling seed depends on the row id only, not on which rollout rank drew
+            # it, so a resumed run (or another timing) samples the same tokens for it
             seq.append(RolloutStage(client, engine, gate, sampling, shape, recorder,
-                                    cfg.run.seed * 7919 + rank, share))
+                                    cfg.run.seed * 7919, share))
             reward = RewardStage(client, task, tokenizer, shape, recorder,
                                  cfg.task.reward_timeout_s, cfg.task.on_reward_failure)
             seq.append(reward)
