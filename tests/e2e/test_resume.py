@@ -191,8 +191,8 @@ def test_sigkilled_rank_mid_run_restarts_and_trains_every_prompt_exactly_once(tm
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_the_run_resumes(tmp_path):
-    args = ["pipeline.num_steps=40", "checkpoint.every=0", f"run.root={tmp_path}",
-            "run.name=stopped", *SMALL]
+    args = ["pipeline.num_steps=40", "checkpoint.every=0", "checkpoint.export_hf=true",
+            f"run.root={tmp_path}", "run.name=stopped", *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -213,5 +213,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_run_resumes(tmp_path):
     assert 4 <= stopped_at < 40
     log = (tmp_path / "stopped" / "logs" / "rank1.log").read_text()
     assert f"stop requested: checkpoint step_{stopped_at} written" in log, out[-3000:]
+    hf = ckpts[0] / "hf"  # checkpoint.export_hf: an HF copy of the policy inside the checkpoint
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}
     _ok(torchrun(2, args, timeout_s=300))  # resume=auto
     _assert_each_prompt_trained_once(tmp_path / "stopped", 40)
