@@ -46,8 +46,10 @@ def _ok(out):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path):
-    base = ["pipeline.num_steps=8", "checkpoint.every=4", f"run.root={tmp_path}", *SMALL]
+@pytest.mark.parametrize("placement", [[], ["placement=colocated"]], ids=["split", "colocated"])
+def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path, placement):
+    base = ["pipeline.num_steps=8", "checkpoint.every=4", f"run.root={tmp_path}", *SMALL,
+            *placement]
     _ok(torchrun(2, [*base, "run.name=full"], timeout_s=300))
     ckpt = tmp_path / "full" / "checkpoints" / "step_4"
     _ok(torchrun(2, [*base, "run.name=resumed", f"resume={ckpt}"], timeout_s=300))
