@@ -23,7 +23,7 @@ from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
 from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.stages import StepShape, _rows, group_range, stalled
-from asyncflow.queue import Batch, GroupRangeSampler, QueueClient
+from asyncflow.queue import Batch, GroupRangeSampler, QueueClient, StepSampler
 from asyncflow.weights import BackgroundSender
 
 logger = get_logger(__name__)
@@ -57,34 +57,55 @@ class DataParallelDrain:
         self.groups_per_round = micro_batch_size // shape.group_size * dp_size
         self.columns, self.streaming = columns, streaming
         self.done_rows: dict[int, int] = {}
-        """step -> rows of it this stage consumed before a resume (whole rounds, skipped)."""
+        """step -> rows of it this stage consumed before a resume: whole rounds are skipped, a
+        round cut in half by a crash sends the step down `_rest_of_step`."""
 
-    def _get(self, step: int, first: int, end: int) -> Batch:
-        rows = (end - first) * self.shape.group_size
-        sampler = GroupRangeSampler(first, end)
+    def _fetch(self, sampler, rows: int) -> tuple[Batch, bool]:
+        """This rank's part of one collective get; (batch, whether any rank got rows)."""
         if self.dp_size > 1:
             batch = self.q.get_balanced(self.stage, self.dp_rank, self.dp_size, rows,
                                         timeout_s=self.shape.timeout_s, sampler=sampler,
                                         columns=self.columns)
             n = torch.tensor([len(batch)])
             dist.all_reduce(n, group=self.group)  # a rank may legitimately get no rows
-            got = n.item() > 0
-        else:
-            batch = self.q.get(self.stage, rows, timeout_s=self.shape.timeout_s,
-                               sampler=sampler, columns=self.columns)
-            got = len(batch) > 0
+            return batch, n.item() > 0
+        batch = self.q.get(self.stage, rows, timeout_s=self.shape.timeout_s, sampler=sampler,
+                           columns=self.columns)
+        return batch, len(batch) > 0
+
+    def _get(self, step: int, first: int, end: int) -> Batch:
+        batch, got = self._fetch(GroupRangeSampler(first, end),
+                                 (end - first) * self.shape.group_size)
         if not got:
             raise stalled(f"{self.stage}: waiting for groups [{first}, {end}) of step {step}",
                           self.shape.timeout_s)
         return batch
 
+    def _rest_of_step(self, step: int):
+        """A resumed step one of whose rounds some rank had consumed and another had not (a
+        crash between their acks): the step's remaining rows, as they are ready. Their order is no
+        longer canonical, which only a stage resumed after such a crash sees."""
+        rows = self.groups_per_round * self.shape.group_size // self.dp_size
+        while True:
+            batch, got = self._fetch(StepSampler(step), rows)
+            if got:
+                yield batch
+            elif batch.exhausted:  # answered together: every rank sees it at the same call
+                return
+            else:
+                raise stalled(f"{self.stage}: waiting for the rest of step {step}",
+                              self.shape.timeout_s)
+
     def __call__(self, step: int):
         first, end = group_range(step, self.shape.prompts_per_step)
         rounds = [(g, min(g + self.groups_per_round, end))
                   for g in range(first, end, self.groups_per_round)]
-        done_groups = self.done_rows.pop(step, 0) // self.shape.group_size
-        rounds = [(lo, hi) for lo, hi in rounds if hi > first + done_groups]
-        assert not rounds or rounds[0][0] == first + done_groups, "a round was half consumed"
+        N = self.shape.group_size
+        done = self.done_rows.pop(step, 0)  # rows a resumed stage had consumed already
+        if done not in {(lo - first) * N for lo, _ in rounds} | {(end - first) * N}:
+            yield from self._rest_of_step(step)
+            return
+        rounds = [(lo, hi) for lo, hi in rounds if (lo - first) * N >= done]
         if not rounds:
             return
         last = None if self.streaming else self._get(step, *rounds[-1])
