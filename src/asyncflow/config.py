@@ -212,10 +212,17 @@ class Config:
     a path: from that checkpoint; `false`: start fresh (see run.overwrite)."""
 
     def __post_init__(self):
+        if self.resume.lower() in ("false", "none", "no"):  # YAML's false arrives as "False"
+            self.resume = "false"
         if self.trainer.micro_batch_size % self.pipeline.group_size:
             raise ValueError(
                 f"trainer.micro_batch_size={self.trainer.micro_batch_size} must be a multiple of "
                 f"pipeline.group_size={self.pipeline.group_size}: micro-batches hold whole groups")
+
+
+def starts_fresh(cfg: Config) -> bool:
+    """resume=false: a new run, whatever the run directory holds (see run.overwrite)."""
+    return cfg.resume == "false"
 
 
 def _register(config_dir: Path) -> None:

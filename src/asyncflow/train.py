@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from asyncflow.checkpoint import check_fresh_run_dir
-from asyncflow.config import ConfigError, load_config
+from asyncflow.config import ConfigError, load_config, starts_fresh
 from asyncflow.log import setup_logging
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from asyncflow.pipeline.runner import StopRequested, run
 
     try:
-        if cfg.run.name is not None and cfg.resume.lower() in ("false", "none", "no"):
+        if cfg.run.name is not None and starts_fresh(cfg):
             check_fresh_run_dir(Path(cfg.run.root) / cfg.run.name, cfg.run.overwrite)
         run(cfg)
     except (ValueError, TypeError) as e:  # user or data mistakes found while building the run

@@ -63,7 +63,6 @@ def test_resume_choices(tmp_path):
     assert resolve_resume("auto", run) is None  # nothing yet: start fresh
     d = _ckpt(run / "checkpoints", 5)
     assert resolve_resume("auto", run) == d
-    assert resolve_resume("false", run) is None
     assert resolve_resume(str(d), tmp_path / "other") == d
     with pytest.raises(ValueError, match="no such checkpoint directory"):
         resolve_resume(str(tmp_path / "missing"), run)

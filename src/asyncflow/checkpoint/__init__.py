@@ -127,9 +127,7 @@ def latest_complete(root: Path) -> Path | None:
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint `resume` (auto | false | a path) names for `run_dir`; None = start fresh."""
-    if resume.lower() in ("false", "none", "no"):
-        return None
+    """The checkpoint `resume` (auto | a path) names for `run_dir`; None = nothing to resume."""
     if resume == "auto":
         return latest_complete(run_dir / "checkpoints")
     path = Path(resume)

@@ -42,7 +42,7 @@ from asyncflow.checkpoint import (
     step_of,
     truncate_jsonl,
 )
-from asyncflow.config import Config, default_run_name, to_yaml
+from asyncflow.config import Config, default_run_name, starts_fresh, to_yaml
 from asyncflow.engines import SamplingParams, build_rollout_engine
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.launch import build_meshes, init_distributed
@@ -168,7 +168,7 @@ def _open_run_dir(cfg: Config, run_dir: Path, rank: int) -> Path | None:
     verdict = ""
     if rank == 0:
         try:
-            fresh = cfg.resume.lower() in ("false", "none", "no")
+            fresh = starts_fresh(cfg)
             if fresh:
                 check_fresh_run_dir(run_dir, cfg.run.overwrite)
                 if run_dir.exists():
