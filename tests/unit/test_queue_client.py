@@ -107,6 +107,43 @@ def test_killed_connection_returns_leases():
     server.close()
 
 
+def test_closing_the_host_wakes_its_in_process_waiters():
+    """The host rank's stages call the controller in-process: when it aborts, a stage parked in
+    `get` or in a full `put` must fail at once (as a remote one does when its socket drops), not
+    sleep until its timeout."""
+    import threading
+
+    cfg = make_cfg(capacity_rows=1, timeout_s=30.0)
+    server = serve(cfg)
+    host = connect(cfg, 0, controller=server.controller)
+    host.put({"prompt": torch.zeros(1, 4, dtype=torch.int64)})
+    host.ack(host.get("rollout", 1, timeout_s=1))  # row now waits for train only: queue full
+    errors: dict[str, BaseException] = {}
+
+    def park(name, fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors[name] = e
+
+    parked = [threading.Thread(target=park, args=("get", lambda: host.get("rollout", 1))),
+              threading.Thread(target=park, args=("put", lambda: host.put(
+                  {"prompt": torch.zeros(1, 4, dtype=torch.int64)})))]
+    for t in parked:
+        t.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    server.close()
+    for t in parked:
+        t.join(timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    assert sorted(errors) == ["get", "put"]
+    assert all(isinstance(e, ConnectionError) for e in errors.values()), errors
+    with pytest.raises(ConnectionError, match="closed"):
+        host.stats()
+    host.abort()
+
+
 @pytest.mark.parametrize(
     "columns, match",
     [

@@ -297,7 +297,10 @@ def run(cfg: Config) -> Path:
         port[0] = server.address[1]
     dist.broadcast(port, 0)
     qcfg = queue_config(cfg, max_prompt, int(port.item()))
-    client = connect(qcfg, rank, group=data_group)
+    # the host rank's own stages call its controller in-process: over its own socket they
+    # cost two frame codecs and two GIL hand-offs per call on the rollout rank's CPU
+    client = connect(qcfg, rank, group=data_group,
+                     controller=server.controller if server is not None else None)
     with _abort_queue_on_error(client, server) as abort:
         # a resumed queue is restored by the first train rank into its own storage; prompts
         # continue after the last step it holds

@@ -183,12 +183,14 @@ class TrainStage:
             self.sender.wait()
 
     def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: list[int]):
-        behaviour = packed.scatter_response(
-            [_rows(batch.columns["behaviour_logprobs"])[i] for i in keep])
+        def kept(column: str) -> list[torch.Tensor]:
+            rows = _rows(batch.columns[column])  # split once, not once per kept row
+            return [rows[i] for i in keep]
+
+        behaviour = packed.scatter_response(kept("behaviour_logprobs"))
         adv = batch.columns["advantage"][keep].float()
         weights = sequence_weights(packed.response_mask_BT, self.algo.aggregation)
-        ref = (packed.scatter_response([_rows(batch.columns["ref_logprobs"])[i] for i in keep])
-               if self.use_kl else None)
+        ref = packed.scatter_response(kept("ref_logprobs")) if self.use_kl else None
         return lambda lp: policy_loss(
             lp, behaviour, adv, weights, self.algo.clip_low, self.algo.clip_high,
             tis_cap=self.algo.tis_cap, ref_logprobs_BT=ref, kl_coef=self.algo.kl_coef,

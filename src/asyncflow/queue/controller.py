@@ -66,6 +66,7 @@ class Controller:
         """With groups of one every ready row is a whole group: the group index is skipped."""
         self.session = uuid.uuid4().hex[:12]
         """Names this queue's shared-memory files; clients learn it when they connect."""
+        self.closed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -120,6 +121,7 @@ class Controller:
                         f"{num_rows} more requested; no stage freed rows within the timeout"
                     )
                 self._space.wait(left)
+                self._check_open()
                 self._check_groups(group_ids)
             ids = list(range(self._next_row_id, self._next_row_id + num_rows))
             self._next_row_id += num_rows
@@ -341,6 +343,7 @@ class Controller:
             if left <= 0 or (stop is not None and stop.results is not None):
                 return False
             st.cond.wait(left)
+            self._check_open()
 
     def get(
         self,
@@ -425,6 +428,7 @@ class Controller:
                     st.cond.notify_all()
                     break
                 st.cond.wait(max(left, 0.05))
+                self._check_open()
             rnd.num_answered += 1
             if rnd.num_answered == dp_size:
                 del self._rounds[(stage, seq)]
@@ -481,6 +485,20 @@ class Controller:
                     "consumer %s expired; %d leased rows returned to the queue", consumer, n
                 )
             return n
+
+    def close(self) -> None:
+        """The host is shutting down (or aborting): callers waiting in-process in `reserve`,
+        `get` or `get_balanced` raise ConnectionError now, as remote callers do when their
+        connection drops, instead of sleeping until their timeout."""
+        with self._lock:
+            self.closed = True
+            self._space.notify_all()
+            for st in self._stage_list:
+                st.cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionError("queue controller closed")
 
     def take_freed(self, rank: int) -> list[tuple[int, int]]:
         """(slot, row id) on `rank` of rows freed since the last call; the storage reuses them."""

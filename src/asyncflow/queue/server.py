@@ -222,4 +222,5 @@ class ControllerServer:
             except OSError:
                 pass  # already closed by the peer
         self._thread.join(timeout=5)
+        self.controller.close()
         unlink_session(self.controller.session)
