@@ -100,8 +100,10 @@ class PromptStage:
         N = self.shape.group_size
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
-        prompt_ids = [torch.tensor(encode_prompt(self.tok, p.prompt), dtype=torch.long)
-                      for p in problems for _ in range(N)]
+        # encoded once per problem: the N rows of a group share the tensor (rows are read-only)
+        encoded = [torch.tensor(encode_prompt(self.tok, p.prompt), dtype=torch.long)
+                   for p in problems]
+        prompt_ids = [t for t in encoded for _ in range(N)]
         uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
         group_ids = [g for g in groups for _ in range(N)]
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
@@ -249,10 +251,12 @@ class RewardStage:
               uids: list[int]) -> list[RewardOutcome]:
         """One outcome per row; failures are logged with the row id, problem uid and reason."""
         items = []
+        answers: dict[int, str] = {}  # a group's rows share their problem: look it up once
         for row, response, fin, uid in zip(rows, responses, finished, uids, strict=True):
             text, stopped = split_completion(self.tok, response.tolist(), self.eos)
-            items.append(RewardItem(row, text, self.task.train_problem(uid).answer,
-                                    stopped and fin))
+            if uid not in answers:
+                answers[uid] = self.task.train_problem(uid).answer
+            items.append(RewardItem(row, text, answers[uid], stopped and fin))
         outcomes = self.worker.score(items)
         for row, uid, o in zip(rows, uids, outcomes, strict=True):
             if o.error is not None:

@@ -43,6 +43,7 @@ from asyncflow.queue.storage import (
     MemoryStorage,
     SharedMemoryStorage,
     Storage,
+    as_ragged,
     assemble,
     split_rows,
 )
@@ -248,8 +249,8 @@ class QueueClient:
                 spec.check(value[0] if value.shape[0] else value.new_empty(spec.shape))
                 data[name] = value
             else:
-                row_list = split_rows(spec, value)
-                data[name] = row_list if spec.ragged else assemble(spec, row_list)
+                data[name] = (as_ragged(spec, value) if spec.ragged
+                              else assemble(spec, split_rows(spec, value)))
             n = len(data[name])
             if num_rows is not None and n != num_rows:
                 raise ValueError(f"column {name!r} has {n} rows, other columns have {num_rows}")
@@ -509,9 +510,9 @@ class QueueClient:
             rows = entry["row_ids"]
             value = (Ragged(entry["values"], entry["offsets"]) if "offsets" in entry
                      else entry["values"])
-            data = split_rows(self.schema.spec(name), value)
-            if not self.schema.spec(name).ragged:
-                data = assemble(self.schema.spec(name), data)
+            spec = self.schema.spec(name)
+            data = (as_ragged(spec, value) if spec.ragged
+                    else assemble(spec, split_rows(spec, value)))
             c = self.schema.index[name]
             with self._lock:
                 slots = self.storage.write(rows, {name: data})

@@ -51,6 +51,31 @@ def split_rows(
     return rows
 
 
+def as_ragged(spec: ColumnSpec, value: Ragged | list[torch.Tensor]) -> Ragged:
+    """A ragged column's rows as one checked `Ragged`. A `Ragged` is checked as a whole (dtype,
+    trailing shape, every length <= the schema's), not row by row: puts of many short rows (the
+    prompts of a step) stay a handful of tensor ops."""
+    if not isinstance(value, Ragged):
+        return assemble(spec, split_rows(spec, value))  # type: ignore[return-value]
+    off = value.offsets
+    if off.dtype != torch.int64 or off.dim() != 1 or off.numel() < 1:
+        raise ValueError(f"column {spec.name!r}: Ragged offsets must be int64 [B+1]")
+    lens = value.lengths
+    if int(off[0]) != 0 or int(off[-1]) != value.values.shape[0] or bool((lens < 0).any()):
+        raise ValueError(
+            f"column {spec.name!r}: Ragged offsets {off.tolist()[:8]} do not cover "
+            f"its {value.values.shape[0]} values in order"
+        )
+    spec.check(value.values[:0])  # dtype, device and trailing shape, on a row of length 0
+    longest = int(lens.max()) if len(value) else 0
+    if longest > spec.shape[0]:
+        raise ValueError(
+            f"column {spec.name!r}: a row of length {longest} contradicts schema "
+            f"[<= {spec.shape[0]}, *{spec.shape[1:]}]"
+        )
+    return value
+
+
 def assemble(spec: ColumnSpec, rows: list[torch.Tensor]) -> ColumnValue:
     if spec.ragged:
         lens = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
@@ -84,48 +109,60 @@ class Storage(Protocol):
 
 
 class MemoryStorage:
-    """Keeps references to the put tensors; row -> (batch tensor, index in batch). Slot = row id."""
+    """Keeps references to the put tensors. Slot = row id; per column, row -> the put's tensor
+    and the row's index in it (ragged: the put's values, the row's start and length). Plain
+    ints, not a tuple per row: per-row container objects made every put feed the cyclic garbage
+    collector, whose full passes cost ~15x the write itself on a process that holds torch."""
 
     def __init__(self, schema: Schema):
         self.schema = schema
-        self._cols: dict[str, dict[int, tuple[torch.Tensor, int]]] = {
-            c.name: {} for c in schema.columns
-        }
+        names = [c.name for c in schema.columns]
+        self._base: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+        self._start: dict[str, dict[int, int]] = {n: {} for n in names}
+        self._len: dict[str, dict[int, int]] = {n: {} for n in names}  # ragged columns only
 
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
         for name in columns:
-            _check_write_once(name, [r for r in row_ids if r in self._cols[name]])
+            _check_write_once(name, [r for r in row_ids if r in self._base[name]])
         for name, value in columns.items():
-            col = self._cols[name]
-            if isinstance(value, torch.Tensor) and not self.schema.spec(name).ragged:
+            base, start = self._base[name], self._start[name]
+            if self.schema.spec(name).ragged:
+                value = (
+                    value if isinstance(value, Ragged) else as_ragged(self.schema.spec(name), value)
+                )
+                offsets = value.offsets.tolist()
+                length = self._len[name]
                 for i, rid in enumerate(row_ids):
-                    col[rid] = (value, i)
+                    base[rid], start[rid] = value.values, offsets[i]
+                    length[rid] = offsets[i + 1] - offsets[i]
             else:
-                for rid, row in zip(row_ids, value, strict=True):
-                    col[rid] = (row.unsqueeze(0), 0)
+                for i, rid in enumerate(row_ids):
+                    base[rid], start[rid] = value, i
         return list(row_ids)
 
     def read(self, column: str, slots: list[int]) -> ColumnValue:
         spec = self.schema.spec(column)
-        entries = [self._cols[column][s] for s in slots]
-        if not spec.ragged and entries:
-            base, i0 = entries[0]
-            if all(b is base and i == i0 + k for k, (b, i) in enumerate(entries)):
-                return base.narrow(0, i0, len(entries))  # zero-copy: rows were put together
-        return assemble(spec, [b[i] for b, i in entries])
+        base, start = self._base[column], self._start[column]
+        if spec.ragged:
+            length = self._len[column]
+            return assemble(spec, [base[s].narrow(0, start[s], length[s]) for s in slots])
+        if slots:
+            b0, i0 = base[slots[0]], start[slots[0]]
+            if all(base[s] is b0 and start[s] == i0 + k for k, s in enumerate(slots)):
+                return b0.narrow(0, i0, len(slots))  # zero-copy: rows were put together
+        return assemble(spec, [base[s][start[s]] for s in slots])
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
         for name in columns:
             for rid in row_ids:
-                self._cols[name].pop(rid, None)
+                for d in (self._base[name], self._start[name], self._len[name]):
+                    d.pop(rid, None)
 
     def free(self, entries: list[tuple[int, int]]) -> None:
-        for col in self._cols.values():
-            for _, rid in entries:
-                col.pop(rid, None)
+        self.discard([rid for _, rid in entries], list(self._base))
 
     def num_rows(self) -> int:
-        return len({r for col in self._cols.values() for r in col})
+        return len({r for col in self._base.values() for r in col})
 
 
 def _check_write_once(name: str, dup: list[int]) -> None:
@@ -182,9 +219,13 @@ class Slabs:
         idx = torch.tensor(slots, dtype=torch.int64)
         if not spec.ragged:
             return slab.index_select(0, idx)
+        # vectorised: gather the rows' slots, keep each row's first `length` entries
         lens = self.lengths[column].index_select(0, idx)
-        rows = [slab[s, :n] for s, n in zip(slots, lens.tolist(), strict=True)]
-        return assemble(spec, rows)
+        width = int(lens.max()) if len(slots) else 0
+        block = slab.narrow(1, 0, width).index_select(0, idx)
+        offsets = torch.zeros(len(slots) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=offsets[1:])
+        return Ragged(block[torch.arange(width) < lens[:, None]], offsets)
 
     def paths(self) -> list[str]:
         out = [slab_path(self.session, self.rank, c) for c in self.data]
@@ -228,11 +269,16 @@ class SharedMemoryStorage:
                     slab[slots[0] : slots[0] + len(slots)].copy_(value)
                 else:
                     slab.index_copy_(0, idx, value)
-            else:
-                lens = self.slabs.lengths[name]
-                for s, row in zip(slots, value, strict=True):
-                    slab[s, : row.shape[0]].copy_(row)
-                    lens[s] = row.shape[0]
+            else:  # ragged: pad to the longest row, then one indexed copy (no per-row loop)
+                value = (
+                    value if isinstance(value, Ragged) else as_ragged(self.schema.spec(name), value)
+                )
+                row_lens = value.lengths
+                width = int(row_lens.max()) if len(row_ids) else 0
+                padded = value.values.new_zeros((len(row_ids), width, *value.values.shape[1:]))
+                padded[torch.arange(width) < row_lens[:, None]] = value.values
+                slab.narrow(1, 0, width).index_copy_(0, idx, padded)
+                self.slabs.lengths[name].index_copy_(0, idx, row_lens)
             for rid in row_ids:
                 self._cols_of[rid].add(name)
         return slots
