@@ -87,6 +87,11 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="append the results section to this file")
     ap.add_argument("--gantt-dir", default=None, help="write Gantt PNGs of (b) and (d) here")
     args = ap.parse_args()
+    if args.gantt_dir:
+        try:
+            import matplotlib  # noqa: F401 - scripts/gantt.py draws with it
+        except ImportError:  # fail now, not after the first workload's runs
+            raise SystemExit("--gantt-dir needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
     report = ["## Schedules (benchmarks/schedules.py)\n",
               f"`python benchmarks/schedules.py {' '.join(sys.argv[1:])}` on "
               f"{platform.node() or 'dev VM'} (2-core CPU VM, 1 thread per rank), "
