@@ -79,8 +79,7 @@ class LocalControl:
         self.session = controller.session
 
     def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
-        if self.controller.closed:  # the host is shutting down: as a dropped connection
-            raise ConnectionError("queue controller closed")
+        self.controller.check_open()  # the host is shutting down: as a dropped connection
         result = dispatch(self.controller, self.consumer, self.rank, op, args)
         return result, self.controller.take_freed(self.rank)
 

@@ -121,7 +121,7 @@ class Controller:
                         f"{num_rows} more requested; no stage freed rows within the timeout"
                     )
                 self._space.wait(left)
-                self._check_open()
+                self.check_open()
                 self._check_groups(group_ids)
             ids = list(range(self._next_row_id, self._next_row_id + num_rows))
             self._next_row_id += num_rows
@@ -343,7 +343,7 @@ class Controller:
             if left <= 0 or (stop is not None and stop.results is not None):
                 return False
             st.cond.wait(left)
-            self._check_open()
+            self.check_open()
 
     def get(
         self,
@@ -428,7 +428,7 @@ class Controller:
                     st.cond.notify_all()
                     break
                 st.cond.wait(max(left, 0.05))
-                self._check_open()
+                self.check_open()
             rnd.num_answered += 1
             if rnd.num_answered == dp_size:
                 del self._rounds[(stage, seq)]
@@ -496,7 +496,8 @@ class Controller:
             for st in self._stage_list:
                 st.cond.notify_all()
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """ConnectionError once `close` was called."""
         if self.closed:
             raise ConnectionError("queue controller closed")
 

@@ -94,7 +94,8 @@ class Storage(Protocol):
     """One rank's storage unit. Slots are the handles the controller records per (row, rank)."""
 
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
-        """Store columns (already split into per-row tensors or a dense batch); returns slots."""
+        """Store columns, each a dense `[B, ...]` batch or, for ragged columns, a `Ragged` that
+        `as_ragged` checked (the client does both); returns slots."""
         ...
 
     def read(self, column: str, slots: list[int]) -> ColumnValue: ...
@@ -127,9 +128,6 @@ class MemoryStorage:
         for name, value in columns.items():
             base, start = self._base[name], self._start[name]
             if self.schema.spec(name).ragged:
-                value = (
-                    value if isinstance(value, Ragged) else as_ragged(self.schema.spec(name), value)
-                )
                 offsets = value.offsets.tolist()
                 length = self._len[name]
                 for i, rid in enumerate(row_ids):
@@ -264,15 +262,12 @@ class SharedMemoryStorage:
         idx = torch.tensor(slots, dtype=torch.int64)
         for name, value in columns.items():
             slab = self.slabs.map(name)
-            if isinstance(value, torch.Tensor) and not self.schema.spec(name).ragged:
+            if not self.schema.spec(name).ragged:
                 if slots == list(range(slots[0], slots[0] + len(slots))):
                     slab[slots[0] : slots[0] + len(slots)].copy_(value)
                 else:
                     slab.index_copy_(0, idx, value)
             else:  # ragged: pad to the longest row, then one indexed copy (no per-row loop)
-                value = (
-                    value if isinstance(value, Ragged) else as_ragged(self.schema.spec(name), value)
-                )
                 row_lens = value.lengths
                 width = int(row_lens.max()) if len(row_ids) else 0
                 padded = value.values.new_zeros((len(row_ids), width, *value.values.shape[1:]))
