@@ -77,6 +77,7 @@ class ShmTransport:
 
 
 _TAG_REQ = 71
+_POSTED = 16  # request receives the serving thread keeps posted
 _FIRST_REPLY_TAG, _NUM_REPLY_TAGS = 1000, 1 << 20
 _STOP, _CONTIGUOUS, _GENERAL = -1, 0, 1
 
@@ -91,7 +92,9 @@ class DistTransport:
 
     Request: int64[5] `[kind, column mask, first slot, count, reply tag]`; when the columns share
     one contiguous slot range (rows put together) that is all, else `kind=_GENERAL` and an int64
-    body `[column, n, slots...]*` follows. Reply, on the request's own tag (so fetches can overlap):
+    body `[column, n, slots...]*` follows on the reply tag. Requests are sent with `isend` into
+    receives the owner keeps posted, so `start` does not wait for the owner to finish the answer
+    it is sending. Reply, on the request's own tag (so fetches can overlap):
     the payload alone for fixed-shape columns, whose receive is posted before the request is sent
     (split-phase); preceded by the ragged lengths when ragged columns are requested (then `start`
     receives both before returning, so no reply ever waits for a receive to be posted)."""
@@ -102,7 +105,6 @@ class DistTransport:
         self.ranks = dist.get_process_group_ranks(group)
         self._col_names = [c.name for c in schema.columns]
         self._tag_lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self._next_tag = 0
         self._send_buf = torch.empty(0, dtype=torch.uint8)
         self._thread = threading.Thread(
@@ -112,20 +114,29 @@ class DistTransport:
             self._thread.start()
 
     def _serve(self) -> None:
-        """Serving loop: consumes pull requests from any rank of the group, waits in `recv`,
-        answers each in arrival order; a STOP request from a peer ends it."""
-        while True:
-            head = torch.empty(5, dtype=torch.int64)
-            src = dist.recv(head, src=None, group=self.group, tag=_TAG_REQ)
-            kind, mask, first, count, reply_tag = head.tolist()
-            if kind == _STOP:
-                return
+        """Serving loop: keeps `_POSTED` request receives posted (from any rank), answers each
+        request as it completes; a STOP request from a peer ends it. Gloo moves a message only
+        once its receive is posted: with one receive posted per loop a request waited a round
+        trip whenever the owner was busy sending the previous answer."""
+        heads = [torch.empty(5, dtype=torch.int64) for _ in range(_POSTED)]
+        works = [dist.irecv(h, group=self.group, tag=_TAG_REQ) for h in heads]
+        k = stopping = 0
+        while stopping < _POSTED:
+            works[k].wait()
+            kind, mask, first, count, reply_tag = heads[k].tolist()
+            src = dist.get_global_rank(self.group, works[k]._source_rank())
+            if kind != _STOP:
+                works[k] = dist.irecv(heads[k], group=self.group, tag=_TAG_REQ)
+            k = (k + 1) % _POSTED
+            if kind == _STOP:  # the peer sends one STOP per posted receive: drain them all
+                stopping += 1
+                continue
             if kind == _CONTIGUOUS:
                 slots = list(range(first, first + count))
                 req = [(c, slots) for i, c in enumerate(self._col_names) if mask >> i & 1]
             else:
                 body = torch.empty(count, dtype=torch.int64)
-                dist.recv(body, src=src, group=self.group, tag=_TAG_REQ)
+                dist.recv(body, src=src, group=self.group, tag=reply_tag)
                 req, b, pos = [], body.tolist(), 0
                 while pos < len(b):
                     req.append((self._col_names[b[pos]], b[pos + 2 : pos + 2 + b[pos + 1]]))
@@ -189,22 +200,26 @@ class DistTransport:
             sizes = self._sizes(requests, lens_all)
             payload = torch.empty(sum(_aligned(n) for _, n in sizes), dtype=torch.uint8)
             work = dist.irecv(payload, src=owner, group=self.group, tag=tag)
-        with self._send_lock:  # head and body of one request stay adjacent on the wire
-            if contiguous:
-                mask = sum(1 << self.schema.index[c] for c in names)
-                head = [_CONTIGUOUS, mask, slots0[0], len(slots0), tag]
-                dist.send(torch.tensor(head, dtype=torch.int64), owner, self.group, _TAG_REQ)
-            else:
-                body: list[int] = []
-                for col, slots in requests:
-                    body += [self.schema.index[col], len(slots), *slots]
-                head = [_GENERAL, 0, 0, len(body), tag]
-                dist.send(torch.tensor(head, dtype=torch.int64), owner, self.group, _TAG_REQ)
-                dist.send(torch.tensor(body, dtype=torch.int64), owner, self.group, _TAG_REQ)
+        if contiguous:
+            mask = sum(1 << self.schema.index[c] for c in names)
+            msgs = [torch.tensor([_CONTIGUOUS, mask, slots0[0], len(slots0), tag])]
+        else:  # the body rides on the reply tag, so requests may be served in any order
+            body: list[int] = []
+            for col, slots in requests:
+                body += [self.schema.index[col], len(slots), *slots]
+            msgs = [torch.tensor([_GENERAL, 0, 0, len(body), tag]), torch.tensor(body)]
+        sends = [dist.isend(m, owner, self.group, _TAG_REQ if k == 0 else tag)
+                 for k, m in enumerate(msgs)]  # fmt: skip
+
+        def sent() -> None:
+            for w in sends:
+                w.wait()
+            msgs.clear()  # the request tensors live until their sends completed
 
         if not num_ragged_rows:
 
             def wait_fixed() -> list[ColumnValue]:
+                sent()
                 work.wait()
                 return self._decode(requests, sizes, payload, lens_all)
 
@@ -212,6 +227,7 @@ class DistTransport:
 
         # Ragged: the payload size is known only from the lengths, so receive both now. Never
         # leave the owner's serving thread blocked on a send that no posted receive matches.
+        sent()
         dist.recv(lens_all, src=owner, group=self.group, tag=tag)
         sizes = self._sizes(requests, lens_all)
         payload = torch.empty(sum(_aligned(n) for _, n in sizes), dtype=torch.uint8)
@@ -243,10 +259,7 @@ class DistTransport:
         if len(self.ranks) > 1:
             me = self.ranks.index(self.rank)
             nxt = self.ranks[(me + 1) % len(self.ranks)]
-            dist.send(
-                torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.int64),
-                dst=nxt,
-                group=self.group,
-                tag=_TAG_REQ,
-            )
+            stop = torch.tensor([_STOP, 0, 0, 0, 0], dtype=torch.int64)
+            for _ in range(_POSTED):
+                dist.send(stop, dst=nxt, group=self.group, tag=_TAG_REQ)
             self._thread.join(timeout=10)
