@@ -40,6 +40,18 @@ def test_each_fault_fails_its_row_and_the_rest_of_the_batch_is_scored():
     assert elapsed_s < TIMEOUT_S + 3.0, elapsed_s
 
 
+def test_the_row_that_hangs_or_crashes_is_blamed_not_the_first_unanswered_one():
+    # the rows before the fault are scored within one reply window, so their results are still
+    # in the worker when it hangs or dies: they must be scored again, and only the faulty row fail
+    answers = ["0002", "0003", "0002", "hang", "0002", "0003", "exit", "0002"]
+    with RewardWorker(ScriptedTask(), TIMEOUT_S) as worker:
+        out = worker.score(_items(answers))
+        assert worker.num_starts == 3
+    assert [o.value for o in out] == [1.0, 0.0, 1.0, None, 1.0, 0.0, None, 1.0]
+    assert [o.timed_out for o in out] == [a == "hang" for a in answers]
+    assert out[6].error == "reward worker died (exit code 3)"
+
+
 def test_a_hung_reward_costs_about_the_timeout_and_the_next_batch_is_scored():
     with RewardWorker(ScriptedTask(), TIMEOUT_S) as worker:
         t0 = time.perf_counter()
