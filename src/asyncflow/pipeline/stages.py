@@ -17,6 +17,7 @@ No stage calls another; the readiness of columns in the queue is the only coupli
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -63,6 +64,14 @@ def group_range(step: int, prompts_per_step: int) -> tuple[int, int]:
 
 def _rows(value) -> list[torch.Tensor]:
     return value.rows() if isinstance(value, Ragged) else list(value.unbind(0))
+
+
+def _id_lists(value) -> list[list[int]]:
+    """Each row of a token-id column as a list (one `tolist` for the batch, not one per row)."""
+    if not isinstance(value, Ragged):
+        return value.tolist()
+    ids, offsets = value.values.tolist(), value.offsets.tolist()
+    return [ids[a:b] for a, b in itertools.pairwise(offsets)]
 
 
 def stalled(what: str, timeout_s: float) -> TimeoutError:
@@ -151,9 +160,9 @@ class RolloutStage:
         counts = [0, 0, 0, 0]  # rows, tokens, engine errors, rows spanning a weight commit
         for batch in drain_step(self.q, self.name, step, self.batch_size, self.shape.timeout_s,
                                 ["prompt_ids"]):
-            prompts = _rows(batch.columns["prompt_ids"])
+            prompts = _id_lists(batch.columns["prompt_ids"])
             requests = [
-                GenerationRequest(str(row), prompt.tolist(), SamplingParams(
+                GenerationRequest(str(row), prompt, SamplingParams(
                     **{**self.sampling.__dict__, "seed": self.seed * 1_000_003 + row}))
                 for row, prompt in zip(batch.row_ids, prompts, strict=True)]
             pending = {}  # group id -> rows of this batch still generating
@@ -247,13 +256,13 @@ class RewardStage:
         self.failed_reward = FAILED_REWARD[on_failure]
         self.worker = RewardWorker(task, timeout_s)
 
-    def score(self, rows: list[int], responses: list[torch.Tensor], finished: list[bool],
+    def score(self, rows: list[int], responses: list[list[int]], finished: list[bool],
               uids: list[int]) -> list[RewardOutcome]:
         """One outcome per row; failures are logged with the row id, problem uid and reason."""
         items = []
         answers: dict[int, str] = {}  # a group's rows share their problem: look it up once
         for row, response, fin, uid in zip(rows, responses, finished, uids, strict=True):
-            text, stopped = split_completion(self.tok, response.tolist(), self.eos)
+            text, stopped = split_completion(self.tok, response, self.eos)
             if uid not in answers:
                 answers[uid] = self.task.train_problem(uid).answer
             items.append(RewardItem(row, text, answers[uid], stopped and fin))
@@ -268,7 +277,7 @@ class RewardStage:
                                 self.shape.timeout_s, ["response_ids", "finished", "uid"],
                                 min_rows=self.shape.chunk_rows):
             with self.rec.span(step, self.name, "score"):
-                outcomes = self.score(batch.row_ids, _rows(batch.columns["response_ids"]),
+                outcomes = self.score(batch.row_ids, _id_lists(batch.columns["response_ids"]),
                                       [bool(f) for f in batch.columns["finished"].tolist()],
                                       batch.columns["uid"].tolist())
                 rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
@@ -323,10 +332,10 @@ class AdvantageStage:
                 adv[order] = adv_GN.flatten()
                 self.q.put({"advantage": adv}, rows=batch.row_ids)
                 self.q.ack(batch)
-            for g in range(len(batch) // N):
+            flat_G = ((rewards_GN == rewards_GN[:, :1]).all(dim=1) | dropped_G).tolist()
+            for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):
                 s = batch.steps[order[g * N]]
                 self.groups_done[s] = self.groups_done.get(s, 0) + 1
-                flat = bool((rewards_GN[g] == rewards_GN[g, 0]).all() or dropped_G[g])
                 self.rec.mean(s, "advantage/flat_group_frac", float(flat))
-                self.rec.total(s, "reward/dropped_groups", float(dropped_G[g]))
+                self.rec.total(s, "reward/dropped_groups", float(dropped))
         self.rec.stage_done(self.name, step)  # groups of later steps are reported at their turn

@@ -50,13 +50,15 @@ class Grant:
         return Grant(-1, [], [], [], [], [], {}, exhausted)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["locations"] = {k: [list(x) for x in v] for k, v in self.locations.items()}
-        return d
+        """For the socket: JSON writes the (owner, slot) tuples as arrays, no copy per row."""
+        return dict(self.__dict__)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> Grant:
-        locs = {k: [(int(o), int(s)) for o, s in v] for k, v in d["locations"].items()}
+    def from_dict(d: dict[str, Any] | Grant) -> Grant:
+        """Decode a socket reply; the in-process control plane hands over the Grant itself."""
+        if isinstance(d, Grant):
+            return d
+        locs = {k: list(map(tuple, v)) for k, v in d["locations"].items()}
         return Grant(
             int(d["lease_id"]), list(d["row_ids"]), list(d["steps"]), list(d["group_ids"]),
             list(d["policy_versions"]), list(d["num_tokens"]), locs, bool(d.get("exhausted")),

@@ -18,6 +18,7 @@ from typing import Any
 
 from asyncflow.log import get_logger
 from asyncflow.queue.controller import Controller
+from asyncflow.queue.metadata import Grant
 from asyncflow.queue.samplers import sampler_from_dict
 from asyncflow.queue.storage import unlink_session
 
@@ -88,7 +89,8 @@ def check_args(op: str, args: dict[str, Any]) -> None:
 
 
 def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str, Any]) -> Any:
-    """Run one checked request against the controller; the result is JSON-serialisable."""
+    """Run one checked request against the controller; the result is JSON-serialisable, except
+    a `get`'s `Grant`, which the socket handler encodes (an in-process caller takes it as is)."""
     check_args(op, args)
     if op == "hello":
         return {"session": ctl.session, "capacity_rows": ctl.cfg.capacity_rows}
@@ -99,7 +101,7 @@ def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str,
     if op in ("get", "get_balanced"):
         args = dict(args, sampler=sampler_from_dict(args["sampler"]))
         fn: Callable[..., Any] = ctl.get if op == "get" else ctl.get_balanced
-        return fn(consumer, **args).to_dict()
+        return fn(consumer, **args)
     if op == "ack":
         return ctl.ack(**args)
     if op == "nack":
@@ -194,7 +196,9 @@ class ControllerServer:
                     result = dispatch(
                         self.controller, consumer, rank, str(msg.get("op")), msg["args"]
                     )
-                    freed = [list(e) for e in self.controller.take_freed(rank)]
+                    if isinstance(result, Grant):
+                        result = result.to_dict()
+                    freed = self.controller.take_freed(rank)  # tuples: JSON arrays
                     reply = {"ok": True, "result": result, "freed": freed}
                 except (ValueError, TypeError, TimeoutError) as e:
                     reply = {"ok": False, "error": type(e).__name__, "message": str(e)}

@@ -105,8 +105,8 @@ def split_completion(
     tokenizer: Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
 ) -> tuple[str, bool]:
     """(text before the first EOS with special tokens kept, whether an EOS was generated)."""
-    ids = list(response_ids)
-    stops = [i for i, t in enumerate(ids) if t in set(eos_ids)]
-    if stops:
-        return tokenizer.decode(ids[: stops[0]], skip_special_tokens=False), True
+    ids, eos = list(response_ids), set(eos_ids)
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    if stop is not None:
+        return tokenizer.decode(ids[:stop], skip_special_tokens=False), True
     return tokenizer.decode(ids, skip_special_tokens=False), False
