@@ -52,6 +52,23 @@ def test_the_row_that_hangs_or_crashes_is_blamed_not_the_first_unanswered_one():
     assert out[6].error == "reward worker died (exit code 3)"
 
 
+def test_a_worker_that_dies_before_it_begins_a_batch_fails_no_row():
+    with RewardWorker(ScriptedTask(), TIMEOUT_S) as worker:
+        worker.score(_items(["0002"]))  # started and ready
+        ready = worker._await_ready
+
+        def die_after_ready():  # killed between the liveness check and reading the batch
+            ready()
+            if worker.num_starts == 1:
+                worker._proc.kill()
+                worker._proc.join()
+
+        worker._await_ready = die_after_ready
+        out = worker.score(_items(["0002", "0003"]))
+        assert worker.num_starts == 2
+    assert [(o.value, o.error) for o in out] == [(1.0, None), (0.0, None)]
+
+
 def test_a_hung_reward_costs_about_the_timeout_and_the_next_batch_is_scored():
     with RewardWorker(ScriptedTask(), TIMEOUT_S) as worker:
         t0 = time.perf_counter()

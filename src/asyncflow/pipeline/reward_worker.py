@@ -5,10 +5,11 @@
    score(items) --(seq, [(completion, answer, finished)])--> for each item, in order:
                                                        progress := (seq, position, start time)
                                                        task.reward(completion, answer, finished)
-                <---- [(value, error), ...] ---------- every FLUSH_S and at the end of the batch
+                <--- (seq, [(value, error), ...]) ---- every FLUSH_S and at the end of the batch
    the row in progress runs past its start + timeout_s -> that row: "timeout after X s"; SIGKILL
                                 the worker, start a new one, send it the rows not answered yet
    EOF (the worker died)     -> the row in progress: "reward worker died (exit code N)"; same
+                                restart (a worker that died before it began the batch: no row)
 ```
 
 Why a process: a reward that hangs, or kills its interpreter (os._exit, a segfault in an extension),
@@ -132,12 +133,14 @@ def _serve(conn: Connection, task: Task, progress) -> None:
         flushed = time.monotonic()
         for pos, (completion, answer, finished) in enumerate(items):
             now = time.monotonic()
+            # the record moves on before the results before it leave: the parent never holds a
+            # row's result while the record still names that row
+            progress[2], progress[1], progress[0] = now, pos, seq  # start first: _in_progress
             if done and now - flushed >= FLUSH_S:
-                conn.send(done)
+                conn.send((seq, done))
                 done, flushed = [], now
-            progress[2], progress[1], progress[0] = now, pos, seq  # start first: see _progress
             done.append(_call(task, completion, answer, finished))
-        conn.send(done)
+        conn.send((seq, done))
 
 
 def _preload(task: Task) -> list[str]:
@@ -236,19 +239,20 @@ class RewardWorker:
         self._proc = self._conn = None
         return code
 
-    def _in_progress(self, sent_at: float, answered: int) -> tuple[int, float]:
+    def _in_progress(self, since: float, answered: int) -> tuple[int, float]:
         """(position in the current batch, start time) of the row the worker is scoring. The
-        worker writes the start time before the position and batch number, so a read that sees
-        the same position and batch before and after reading the time has a time no older than
-        that row's start. A batch the worker has not begun yet: its first unanswered row, since
-        the send."""
+        worker writes the start time before the position and batch number, so (with x86-64's
+        store order) a read that sees the same position and batch before and after reading the
+        time has a time no older than that row's start. A batch the worker has not begun, or a
+        record still naming an answered row: the first unanswered row, since `since` (the send
+        or the last reply)."""
         while True:
             seq, pos = self._progress[0], self._progress[1]
             started = self._progress[2]
             if (self._progress[0], self._progress[1]) == (seq, pos):
                 break
-        if seq != self._seq:
-            return answered, sent_at
+        if seq != self._seq or pos < answered:
+            return answered, since
         return int(pos), started
 
     def score(self, items: list[RewardItem]) -> list[RewardOutcome]:
@@ -256,6 +260,7 @@ class RewardWorker:
         rows not answered yet go to a new worker; nothing here raises for a faulty reward."""
         out: list[RewardOutcome | None] = [None] * len(items)
         todo = list(range(len(items)))
+        blame_unstarted = False
         while todo:
             if self._proc is not None and not self._proc.is_alive():
                 self._stop()  # died between batches (e.g. killed from outside): no row to blame
@@ -264,37 +269,48 @@ class RewardWorker:
             self._await_ready()
             assert self._conn is not None
             self._seq += 1
-            sent_at = time.monotonic()
             try:
                 self._conn.send((self._seq, [(items[i].completion, items[i].answer,
                                               items[i].finished) for i in todo]))
             except ConnectionError:
-                pass  # it died just now: the EOF below fails the first row and restarts it
-            todo = self._collect(todo, out, sent_at)
+                pass  # it died just now: the EOF below tells _collect
+            left = self._collect(todo, out, blame_unstarted)
+            # a worker that died before it began the batch fails no row, once per call: a
+            # second such death blames the first row, so that every call ends
+            blame_unstarted = left == todo
+            todo = left
         return out  # type: ignore[return-value]
 
     def _collect(self, todo: list[int], out: list[RewardOutcome | None],
-                 sent_at: float) -> list[int]:
+                 blame_unstarted: bool) -> list[int]:
         """Receive the batch `todo` into `out`; returns the rows still to score (empty unless
-        the worker hung or died, which fails the row it was scoring)."""
+        the worker hung or died, which fails the row it was scoring; one that died before it
+        began the batch fails none unless `blame_unstarted`)."""
         assert self._conn is not None
-        answered = 0
+        answered, since = 0, time.monotonic()
         while answered < len(todo):
-            pos, started = self._in_progress(sent_at, answered)
+            pos, started = self._in_progress(since, answered)
             if self._conn.poll(max(0.0, started + self.timeout_s - time.monotonic())):
                 try:
-                    replies = self._conn.recv()
+                    seq, replies = self._conn.recv()
                 except (EOFError, ConnectionError):
-                    pos, _ = self._in_progress(sent_at, answered)
-                    out[todo[pos]] = RewardOutcome(
-                        None, f"reward worker died (exit code {self._stop()})")
+                    began = self._progress[0] == self._seq
+                    pos, _ = self._in_progress(since, answered)
+                    code = self._stop()
+                    if not began and not blame_unstarted:
+                        return todo[answered:]
+                    out[todo[pos]] = RewardOutcome(None, f"reward worker died (exit code {code})")
                     return todo[answered:pos] + todo[pos + 1:]
+                if seq != self._seq:
+                    continue  # left over from a call that was interrupted
                 for value, error in replies:
                     if error is None and not math.isfinite(value):
                         error = f"returned {value}, not a finite number"
                     out[todo[answered]] = RewardOutcome(value if error is None else None, error)
                     answered += 1
-            elif self._in_progress(sent_at, answered) == (pos, started):  # still on that row
+                since = time.monotonic()
+            elif (not self._conn.poll(0)  # a reply that arrived meanwhile is taken first
+                  and self._in_progress(since, answered) == (pos, started)):  # still that row
                 self._stop()
                 out[todo[pos]] = RewardOutcome(None, f"timeout after {self.timeout_s:g} s",
                                                timed_out=True)

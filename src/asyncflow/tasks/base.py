@@ -70,7 +70,9 @@ class Task(Protocol):
         ...
 
     def reward(self, completion: str, answer: str, finished: bool) -> float:
-        """Score a completion as returned by `split_completion` against `Problem.answer`."""
+        """Score a completion as returned by `split_completion` against `Problem.answer`. Runs
+        in a reward worker process, and may run more than once for a row (the rows scored just
+        before another row's timeout or crash are scored again): a function of its arguments."""
         ...
 
 
