@@ -47,6 +47,7 @@ from asyncflow.queue import (  # noqa: E402
     connect,
     serve,
 )
+from asyncflow.queue.client import RemoteControl  # noqa: E402
 from asyncflow.queue.schema import Schema  # noqa: E402
 from asyncflow.queue.storage import MemoryStorage  # noqa: E402
 from asyncflow.queue.transport import DistTransport  # noqa: E402
@@ -231,8 +232,20 @@ def worker(rank: int, port: int, repeats: int, results) -> None:
 
 def control_plane(sizes: tuple[int, ...], blocks: int, iters: int = 50) -> dict[int, list[float]]:
     """p50 of get(64)+nack round trips over the socket per block, with `n` rows stored (metadata
-    only) for each n in `sizes`; blocks alternate between the sizes so noise hits both alike."""
-    from asyncflow.queue.client import RemoteControl
+    only) for each n in `sizes`; blocks alternate between the sizes so noise hits both alike.
+    The client and the servers' handler threads all live in this process, pinned to one core for
+    the measurement: unpinned, a round trip took ~0.24 or ~0.46 ms depending on whether the
+    scheduler kept the two threads on one core or woke them across cores, in streaks of blocks
+    for either server, whatever its row count (2026-11-26); pinned, 0.226 vs 0.237 ms, 8 runs."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(affinity)})
+    try:
+        return _control_plane(sizes, blocks, iters)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def _control_plane(sizes: tuple[int, ...], blocks: int, iters: int) -> dict[int, list[float]]:
 
     conns = {}
     for n in sizes:
@@ -386,7 +399,9 @@ def write_section(path: Path, table: str, repeats: int, load: float) -> None:
         "controller and calls it in-process; the consumer talks to it over the socket. raw gloo: "
         "the same 1 MiB per micro-batch as one `dist.send`/`recv`. control plane: 20 blocks of 50 "
         "round trips alternating between the two stored-row counts, so bursts from other jobs "
-        "hit both; the fastest block is the least disturbed estimate. dist data plane only: the same "
+        "hit both; the fastest block is the least disturbed estimate; client and server threads "
+        "pinned to one core (unpinned, cross-core wake-ups made a block ~0.24 or ~0.46 ms at "
+        "random, whatever the row count). dist data plane only: the same "
         "leased 64 rows pulled 64 times over the gloo transport with two pulls in flight, no "
         "get/ack round trips. TransferQueue was not run "
         "(not installed here: it needs ray[default] and tensordict, which pins torch); the issue "
