@@ -18,6 +18,9 @@ from asyncflow.queue import (
     connect,
     serve,
 )
+from asyncflow.queue.schema import Schema
+from asyncflow.queue.storage import MemoryStorage
+from asyncflow.queue.transport import _POSTED, _STOP, _TAG_REQ, DistTransport
 
 from ._mp import PG_TIMEOUT, run_ranks
 
@@ -271,3 +274,41 @@ def test_group_and_dp_balanced_samplers_keep_their_promises():
             assert abs(tok1 - tok2) <= 40, (tok1, tok2)
     rows = [r for rows, _ in r1 + r2 for r in rows]
     assert sorted(rows) == list(range(GROUP * NUM_GROUPS))
+
+
+def _pull_from_each_other(rank: int, world_size: int) -> list[str]:
+    schema = Schema([ColumnSpec("a", "int64", [4])])
+    storage = MemoryStorage(schema)
+    storage.write(list(range(8)), {"a": torch.arange(32).view(8, 4) + 1000 * rank})
+    group = dist.new_group(backend="gloo", timeout=PG_TIMEOUT)
+    transport = DistTransport(schema, storage, group)
+    bad = []
+    for it in range(10):
+        dist.barrier(group=group)
+        # rank 0 asks for scattered slots (a request with a body), rank 1 for a slot range; both
+        # draw the same reply tag, so rank 0's body and rank 1's answer meet on one tag and pair
+        slots = [0, 2, 4] if rank == 0 else [1, 2, 3]
+        got = transport.start(1 - rank, [("a", slots)])()[0]
+        want = torch.arange(32).view(8, 4)[slots] + 1000 * (1 - rank)
+        if not torch.equal(got, want):
+            bad.append(f"pull {it}: rows {got[:, 0].tolist()}, want {want[:, 0].tolist()}")
+    # a request that arrives between the STOPs of a close must not hang the serving thread: rank
+    # 0 plays the close by hand (one STOP, a request, the other STOPs), then rank 1 closes
+    stop = torch.tensor([_STOP, 0, 0, 0, 0])
+    if rank == 0:
+        dist.send(stop, dst=1, group=group, tag=_TAG_REQ)
+        transport.start(1, [("a", [5, 6])])()
+        for _ in range(_POSTED - 1):
+            dist.send(stop, dst=1, group=group, tag=_TAG_REQ)
+        dist.barrier(group=group)  # rank 1's close()
+    else:
+        transport._thread.join(timeout=10)
+        if transport._thread.is_alive():
+            bad.append("serving thread alive after a STOP for every posted receive")
+        transport.close()
+    transport._thread.join(timeout=10)
+    return bad
+
+
+def test_ranks_pulling_from_each_other_get_their_own_rows():
+    assert run_ranks(_pull_from_each_other, 2, timeout_s=40) == {0: [], 1: []}

@@ -421,6 +421,9 @@ class QueueClient:
                 with self._lock if owner == self.rank else contextlib.nullcontext():
                     started.append((reqs, transport.start(owner, [(c, s) for c, s, _ in reqs])))
         except (ValueError, RuntimeError, OSError):
+            for _, pending in started:  # finish what was started: its owner may be sending it
+                with contextlib.suppress(RuntimeError, OSError):
+                    pending()
             self.nack_lease(grant.lease_id)  # owner unreachable: give the rows back, then fail
             raise
 

@@ -79,6 +79,10 @@ class ShmTransport:
 _TAG_REQ = 71
 _POSTED = 16  # request receives the serving thread keeps posted
 _FIRST_REPLY_TAG, _NUM_REPLY_TAGS = 1000, 1 << 20
+"""Reply tags; a request's body goes on its reply tag + _NUM_REPLY_TAGS. Every rank numbers its
+tags on its own, so two ranks pulling from each other use the same tags: replies (owner to
+consumer) and bodies (consumer to owner) need disjoint ranges, or gloo pairs a body with a
+receive posted for a reply."""
 _STOP, _CONTIGUOUS, _GENERAL = -1, 0, 1
 
 
@@ -92,12 +96,13 @@ class DistTransport:
 
     Request: int64[5] `[kind, column mask, first slot, count, reply tag]`; when the columns share
     one contiguous slot range (rows put together) that is all, else `kind=_GENERAL` and an int64
-    body `[column, n, slots...]*` follows on the reply tag. Requests are sent with `isend` into
+    body `[column, n, slots...]*` follows on its own tag. Requests are sent with `isend` into
     receives the owner keeps posted, so `start` does not wait for the owner to finish the answer
     it is sending. Reply, on the request's own tag (so fetches can overlap):
     the payload alone for fixed-shape columns, whose receive is posted before the request is sent
     (split-phase); preceded by the ragged lengths when ragged columns are requested (then `start`
-    receives both before returning, so no reply ever waits for a receive to be posted)."""
+    receives both before returning, so the owner's sends wait only for a consumer that is
+    receiving them)."""
 
     def __init__(self, schema: Schema, storage: Storage, group: dist.ProcessGroup):
         self.schema, self.storage, self.group = schema, storage, group
@@ -114,29 +119,32 @@ class DistTransport:
             self._thread.start()
 
     def _serve(self) -> None:
-        """Serving loop: keeps `_POSTED` request receives posted (from any rank), answers each
-        request as it completes; a STOP request from a peer ends it. Gloo moves a message only
+        """Serving loop: keeps `_POSTED` request receives posted (from any rank) and answers the
+        requests in the order the receives were posted; `_POSTED` STOPs from a peer end it (a
+        request among them is answered and its receive posted again). Gloo moves a message only
         once its receive is posted: with one receive posted per loop a request waited a round
         trip whenever the owner was busy sending the previous answer."""
         heads = [torch.empty(5, dtype=torch.int64) for _ in range(_POSTED)]
-        works = [dist.irecv(h, group=self.group, tag=_TAG_REQ) for h in heads]
-        k = stopping = 0
-        while stopping < _POSTED:
+        works: list = [dist.irecv(h, group=self.group, tag=_TAG_REQ) for h in heads]
+        k = 0
+        while any(w is not None for w in works):
+            while works[k] is None:  # a receive that got a STOP is not posted again
+                k = (k + 1) % _POSTED
             works[k].wait()
             kind, mask, first, count, reply_tag = heads[k].tolist()
             src = dist.get_global_rank(self.group, works[k]._source_rank())
-            if kind != _STOP:
-                works[k] = dist.irecv(heads[k], group=self.group, tag=_TAG_REQ)
+            # the peer sends one STOP per posted receive: the loop ends when all got theirs
+            works[k] = None if kind == _STOP else dist.irecv(heads[k], group=self.group,
+                                                             tag=_TAG_REQ)
             k = (k + 1) % _POSTED
-            if kind == _STOP:  # the peer sends one STOP per posted receive: drain them all
-                stopping += 1
+            if kind == _STOP:
                 continue
             if kind == _CONTIGUOUS:
                 slots = list(range(first, first + count))
                 req = [(c, slots) for i, c in enumerate(self._col_names) if mask >> i & 1]
             else:
                 body = torch.empty(count, dtype=torch.int64)
-                dist.recv(body, src=src, group=self.group, tag=reply_tag)
+                dist.recv(body, src=src, group=self.group, tag=reply_tag + _NUM_REPLY_TAGS)
                 req, b, pos = [], body.tolist(), 0
                 while pos < len(b):
                     req.append((self._col_names[b[pos]], b[pos + 2 : pos + 2 + b[pos + 1]]))
@@ -203,18 +211,17 @@ class DistTransport:
         if contiguous:
             mask = sum(1 << self.schema.index[c] for c in names)
             msgs = [torch.tensor([_CONTIGUOUS, mask, slots0[0], len(slots0), tag])]
-        else:  # the body rides on the reply tag, so requests may be served in any order
+        else:  # the body has its own tag: a posted head receive never takes it
             body: list[int] = []
             for col, slots in requests:
                 body += [self.schema.index[col], len(slots), *slots]
             msgs = [torch.tensor([_GENERAL, 0, 0, len(body), tag]), torch.tensor(body)]
-        sends = [dist.isend(m, owner, self.group, _TAG_REQ if k == 0 else tag)
+        sends = [dist.isend(m, owner, self.group, _TAG_REQ if k == 0 else tag + _NUM_REPLY_TAGS)
                  for k, m in enumerate(msgs)]  # fmt: skip
 
         def sent() -> None:
             for w in sends:
                 w.wait()
-            msgs.clear()  # the request tensors live until their sends completed
 
         if not num_ragged_rows:
 
