@@ -336,3 +336,20 @@ def test_memory_storage_makes_no_garbage_collected_object_per_row():
         gc.enable()
     assert grown < 64, f"{grown} tracked objects for 1024 rows x 2 columns"
     assert torch.equal(storage.read("response", [5, 700]).values, torch.zeros(6, dtype=torch.int64))
+
+
+def test_memory_storage_reads_ragged_rows_of_one_put_without_copying():
+    from asyncflow.queue.schema import Schema
+    from asyncflow.queue.storage import MemoryStorage
+
+    storage = MemoryStorage(Schema(make_cfg("local").columns))
+    rows = [torch.arange(n, dtype=torch.int64) + 10 * n for n in (3, 0, 6, 1)]
+    values = torch.cat(rows)
+    storage.write([0, 1, 2, 3], {"response": Ragged(values, torch.tensor([0, 3, 3, 9, 10]))})
+    storage.write([4], {"response": Ragged(torch.tensor([7, 7]), torch.tensor([0, 2]))})
+    for slots in ([1, 2, 3], [0, 1, 2, 3], [3, 2], [2, 4], [1]):  # in order, reversed, two puts
+        got = storage.read("response", slots)
+        want = [rows[s] if s < 4 else torch.tensor([7, 7]) for s in slots]
+        assert [r.tolist() for r in got.rows()] == [w.tolist() for w in want], slots
+    # rows of one put, in order: a view of the put's values
+    assert storage.read("response", [1, 2, 3]).values.data_ptr() == values[3:].data_ptr()

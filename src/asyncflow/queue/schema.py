@@ -176,6 +176,19 @@ class Ragged:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    @staticmethod
+    def from_lengths(values: torch.Tensor, lengths: torch.Tensor) -> Ragged:
+        """Rows of `values` (concatenated along dim 0) of the given int64 lengths."""
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return Ragged(values, offsets)
+
+    @staticmethod
+    def from_padded(padded: torch.Tensor, lengths: torch.Tensor) -> Ragged:
+        """The inverse of `padded`: row i is `padded[i, :lengths[i]]`."""
+        mask_BT = torch.arange(padded.shape[1]) < lengths[:, None]
+        return Ragged.from_lengths(padded[mask_BT], lengths)
+
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 

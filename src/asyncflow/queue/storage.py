@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 from typing import Any, Protocol
 
@@ -79,12 +80,10 @@ def as_ragged(spec: ColumnSpec, value: Ragged | list[torch.Tensor]) -> Ragged:
 def assemble(spec: ColumnSpec, rows: list[torch.Tensor]) -> ColumnValue:
     if spec.ragged:
         lens = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
-        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        torch.cumsum(lens, 0, out=offsets[1:])
         values = (
             torch.cat(rows) if rows else torch.empty((0, *spec.shape[1:]), dtype=spec.torch_dtype)
         )
-        return Ragged(values, offsets)
+        return Ragged.from_lengths(values, lens)
     if not rows:
         return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
     return torch.stack(rows)
@@ -143,7 +142,14 @@ class MemoryStorage:
         base, start = self._base[column], self._start[column]
         if spec.ragged:
             length = self._len[column]
-            return assemble(spec, [base[s].narrow(0, start[s], length[s]) for s in slots])
+            lens = [length[s] for s in slots]
+            if slots and all(base[s] is base[slots[0]] for s in slots):
+                ends = list(itertools.accumulate(lens, initial=start[slots[0]]))
+                if all(start[s] == e for s, e in zip(slots, ends[:-1], strict=True)):  # one put
+                    return Ragged.from_lengths(base[slots[0]][ends[0] : ends[-1]],
+                                               torch.tensor(lens, dtype=torch.int64))
+            return assemble(spec, [base[s].narrow(0, start[s], n)
+                                   for s, n in zip(slots, lens, strict=True)])
         if slots:
             b0, i0 = base[slots[0]], start[slots[0]]
             if all(base[s] is b0 and start[s] == i0 + k for k, s in enumerate(slots)):
@@ -220,10 +226,7 @@ class Slabs:
         # vectorised: gather the rows' slots, keep each row's first `length` entries
         lens = self.lengths[column].index_select(0, idx)
         width = int(lens.max()) if len(slots) else 0
-        block = slab.narrow(1, 0, width).index_select(0, idx)
-        offsets = torch.zeros(len(slots) + 1, dtype=torch.int64)
-        torch.cumsum(lens, 0, out=offsets[1:])
-        return Ragged(block[torch.arange(width) < lens[:, None]], offsets)
+        return Ragged.from_padded(slab.narrow(1, 0, width).index_select(0, idx), lens)
 
     def paths(self) -> list[str]:
         out = [slab_path(self.session, self.rank, c) for c in self.data]
@@ -268,12 +271,9 @@ class SharedMemoryStorage:
                 else:
                     slab.index_copy_(0, idx, value)
             else:  # ragged: pad to the longest row, then one indexed copy (no per-row loop)
-                row_lens = value.lengths
-                width = int(row_lens.max()) if len(row_ids) else 0
-                padded = value.values.new_zeros((len(row_ids), width, *value.values.shape[1:]))
-                padded[torch.arange(width) < row_lens[:, None]] = value.values
-                slab.narrow(1, 0, width).index_copy_(0, idx, padded)
-                self.slabs.lengths[name].index_copy_(0, idx, row_lens)
+                padded = value.padded()
+                slab.narrow(1, 0, padded.shape[1]).index_copy_(0, idx, padded)
+                self.slabs.lengths[name].index_copy_(0, idx, value.lengths)
             for rid in row_ids:
                 self._cols_of[rid].add(name)
         return slots

@@ -253,9 +253,7 @@ class DistTransport:
             if spec.ragged:
                 lens = lens_all[lpos : lpos + len(slots)]
                 lpos += len(slots)
-                offsets = torch.zeros(len(slots) + 1, dtype=torch.int64)
-                torch.cumsum(lens, 0, out=offsets[1:])
-                out.append(Ragged(seg.view(num_rows, *spec.shape[1:]), offsets))
+                out.append(Ragged.from_lengths(seg.view(num_rows, *spec.shape[1:]), lens))
             else:
                 out.append(seg.view(len(slots), *spec.shape))
         return out
