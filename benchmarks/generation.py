@@ -1,14 +1,16 @@
 """Generated tokens/s of the torch rollout engine against transformers' `generate`.
 
 Same checkpoint, same prompts (one batch), same number of new tokens for both (EOS ignored:
-`min_new_tokens = max_new_tokens` in transformers, `ignore_eos` in ours), greedy decoding, fp32,
-run alternately in one process so that machine noise hits both; median and spread of repeats.
+`min_new_tokens = max_new_tokens` in transformers, `ignore_eos` in ours), greedy decoding, same
+device and dtype (fp32 on CPU by default), run alternately in one process so that machine noise hits
+both; median and spread of repeats.
 
     python benchmarks/generation.py                       # tiny + SmolLM2-135M, results printed
     python benchmarks/generation.py --models tiny --repeats 5 --scenarios equal,tail
     python benchmarks/generation.py --profile tiny        # where the engine's time goes
     python benchmarks/generation.py --no-compile          # eager decode step
-    python benchmarks/generation.py --eager-too           # also the eager engine, side by side
+    python benchmarks/generation.py --eager-too           # also the plain eager engine
+    python benchmarks/generation.py --models smollm2 --device cuda --dtype bfloat16 --batch 256
 """
 
 from __future__ import annotations
@@ -93,33 +95,37 @@ def run_ours(engine, batch_ids, new_tokens: list[int], batch: int) -> int:
 
 def run_hf(model, batch_ids, new_tokens: list[int], batch: int) -> int:
     """Static batches of `batch` requests, each run to its longest request; counts only the
-    tokens requested (the useful ones), like `run_ours`."""
+    tokens requested (the useful ones), like `run_ours`. Returns once the tokens are on the host
+    (as ours does), so GPU time is counted."""
     useful = 0
     for i in range(0, len(batch_ids), batch):
-        ids = torch.tensor(batch_ids[i: i + batch])
+        ids = torch.tensor(batch_ids[i: i + batch], device=model.device)
         n = max(new_tokens[i: i + batch])
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+        out = out.cpu()
         assert out.shape[1] - ids.shape[1] == n
         useful += sum(new_tokens[i: i + batch])
     return useful
 
 
 def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_requests=None,
-          compile=True, eager_too=False) -> dict:
+          compile=True, eager_too=False, device="cpu", dtype="float32", cuda_graphs=True) -> dict:
     """Equal lengths (num_requests None: one batch, every request new_tokens long) or a long tail
     (num_requests requests, lengths uniform in [8, new_tokens])."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype)).to(device).eval()
     hf.generation_config.eos_token_id = None
 
-    def build(compile):
+    def build(compile, cuda_graphs=True):
         return build_rollout_engine(TorchEngineConfig(
-            max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile), path)
+            max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile,
+            cuda_graphs=cuda_graphs, device=device, dtype=dtype), path)
 
-    engine = build(compile)
+    engine = build(compile, cuda_graphs)
     n_req = num_requests or batch
     batch_ids = prompts(engine.vocab_size, n_req, prompt_len)
     if num_requests is None:
@@ -129,7 +135,7 @@ def bench(name, path, weights, batch, prompt_len, new_tokens, repeats, num_reque
                              generator=torch.Generator().manual_seed(1)).tolist()
     runs = {"asyncflow": (run_ours, engine), "transformers": (run_hf, hf)}
     if eager_too:
-        runs["asyncflow eager"] = (run_ours, build(False))
+        runs["asyncflow eager"] = (run_ours, build(False, cuda_graphs=False))
     warmup_s = {}
     for key, (fn, m) in runs.items():  # warm-up (compiles the decode step)
         t0 = time.perf_counter()
@@ -171,14 +177,30 @@ def fmt_extra(r: dict) -> str:
     return out
 
 
-def profile(path, batch, prompt_len, new_tokens, compile) -> str:
+def profile(path, batch, prompt_len, new_tokens, compile, device="cpu", dtype="float32",
+            cuda_graphs=True) -> str:
+    """Operator table; on CUDA also how much of the wall time the GPU was busy with kernels."""
     engine = build_rollout_engine(TorchEngineConfig(
-        max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile), path)
+        max_batch_size=batch, max_seq_len=prompt_len + new_tokens, compile=compile,
+        cuda_graphs=cuda_graphs, device=device, dtype=dtype), path)
     batch_ids = prompts(engine.vocab_size, batch, prompt_len)
     run_ours(engine, batch_ids, [8] * batch, batch)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
         run_ours(engine, batch_ids, [new_tokens] * batch, batch)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    if not cuda:
+        return events.table(sort_by="self_cpu_time_total", row_limit=25)
+    busy_us = sum(e.self_device_time_total for e in events)
+    print(f"GPU kernel time {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall "  # noqa: T201
+          f"({busy_us / wall_us:.0%} busy; profiler overhead included in the wall time)")
+    return (events.table(sort_by="self_device_time_total", row_limit=20) + "\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -196,7 +218,12 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="eager decode step (TorchEngineConfig.compile=False)")
     ap.add_argument("--eager-too", action="store_true",
-                    help="also time the eager engine in the same loop (before/after)")
+                    help="also time the plain eager engine (no compile, no CUDA graphs) in the "
+                         "same loop")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="launch each kernel (TorchEngineConfig.cuda_graphs=False); CUDA only")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both engines)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--write", type=Path, help="append the table to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,8 +231,12 @@ def main() -> None:
     ckpts = {"tiny": lambda: (*tiny_checkpoint(tmp), 9), "smollm2": lambda: (*smollm2_checkpoint(), 32)}
     if args.profile:
         path, _, plen = ckpts[args.profile]()
-        print(profile(path, args.batch, plen, args.new_tokens, args.compile))  # noqa: T201
+        print(profile(path, args.batch, plen, args.new_tokens, args.compile,  # noqa: T201
+                      args.device, args.dtype, args.cuda_graphs))
         return
+    where = (torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda"
+             else f"CPU, {torch.get_num_threads()} thread(s)")
+    print(f"{where}, {args.dtype}, torch {torch.__version__}", flush=True)  # noqa: T201
     lines = ["| model (weights) | requests | asyncflow tok/s | transformers tok/s | ratio |",
              "|---|---|---|---|---|"]
     for name in args.models.split(","):
@@ -213,7 +244,8 @@ def main() -> None:
         scenarios = {"equal": None, "tail": args.long_tail}
         for num_requests in [scenarios[k] for k in args.scenarios.split(",")]:
             r = bench(name, path, weights, args.batch, plen, args.new_tokens, args.repeats,
-                      num_requests, args.compile, args.eager_too)
+                      num_requests, args.compile, args.eager_too, args.device, args.dtype,
+                      args.cuda_graphs)
             lines.append(fmt(r))
             print(lines[-1], flush=True)  # noqa: T201
             print(fmt_extra(r), flush=True)  # noqa: T201

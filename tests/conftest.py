@@ -6,6 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """A test that takes `device` runs on CPU, and on CUDA too when `-m gpu` selects it."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.fail("selected with -m gpu but torch.cuda.is_available() is False")
+    return request.param

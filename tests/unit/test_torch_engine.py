@@ -1,4 +1,7 @@
-"""The torch rollout engine against transformers and full forwards (CPU, fp32, random tiny models)."""
+"""The torch rollout engine against transformers and full forwards (fp32, random tiny models).
+
+Every engine test runs on CPU; with `-m gpu` the same tests run with the engine on CUDA too
+(the `device` fixture), against references computed on CPU unless a test says otherwise."""
 
 import threading
 import time
@@ -54,29 +57,37 @@ def _prompts(n, seed=0, lo=1, hi=12):
     return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
 
 
-def _engine(path, **kw):
+def _engine(path, device, **kw):
     kw.setdefault("max_seq_len", 64)
-    return build_rollout_engine(TorchEngineConfig(**kw), path)
+    return build_rollout_engine(TorchEngineConfig(device=device, **kw), path)
 
 
 def _reqs(prompts, **sp):
     return [GenerationRequest(f"r{i}", p, SamplingParams(**sp)) for i, p in enumerate(prompts)]
 
 
+def _batch_atol(device):
+    """How far a row's fp32 log-probs may move when the rest of the batch changes: on CPU the
+    sums run in the same order whatever the batch; cuBLAS picks its kernel (and so the order of
+    the sums) by the batch size, which moved one log-prob by 1.4e-5 on an H200."""
+    return 1e-5 if device == "cpu" else 1e-4
+
+
 def _full_logprobs(model, prompt, tokens, temperature):
-    ids = torch.tensor([prompt + tokens])
+    """Log-probs of `tokens` after `prompt` from one forward of `model` (on its device), on CPU."""
+    ids = torch.tensor([prompt + tokens], device=model.lm_head.weight.device)
     with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1: -1].float() / temperature
+        logits = model(ids)[0, len(prompt) - 1: -1].float().cpu() / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 @pytest.mark.parametrize("ckpt", ["tiny", "llama"])
-def test_greedy_matches_transformers_generate_with_continuous_batching(request, ckpt):
+def test_greedy_matches_transformers_generate_with_continuous_batching(request, ckpt, device):
     path = request.getfixturevalue(ckpt)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     prompts = _prompts(12, seed=3)
     # 4 slots for 12 requests of mixed lengths: finished rows are refilled mid-batch.
-    outs = _engine(path, max_batch_size=4).generate(_reqs(prompts, max_new_tokens=24,
+    outs = _engine(path, device, max_batch_size=4).generate(_reqs(prompts, max_new_tokens=24,
                                                           temperature=0))
     reasons = set()
     for p, c in zip(prompts, outs, strict=True):
@@ -88,40 +99,40 @@ def test_greedy_matches_transformers_generate_with_continuous_batching(request, 
     assert reasons == {"stop", "length"}  # both ends exercised
 
 
-def test_batch_of_mixed_lengths_equals_each_alone(tiny):
+def test_batch_of_mixed_lengths_equals_each_alone(tiny, device):
     prompts = _prompts(10, seed=4, hi=30)
-    batched = _engine(tiny, max_batch_size=3).generate(_reqs(prompts, max_new_tokens=20,
+    batched = _engine(tiny, device, max_batch_size=3).generate(_reqs(prompts, max_new_tokens=20,
                                                              temperature=0))
-    engine = _engine(tiny, max_batch_size=1)
+    engine = _engine(tiny, device, max_batch_size=1)
     for p, c in zip(prompts, batched, strict=True):
         alone = engine.generate(_reqs([p], max_new_tokens=20, temperature=0))[0]
         assert c.token_ids == alone.token_ids
-        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=_batch_atol(device))
 
 
-def test_finished_low_slots_are_compacted_without_changing_outputs(tiny):
+def test_finished_low_slots_are_compacted_without_changing_outputs(tiny, device):
     prompts = _prompts(4, seed=17)
     reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n, temperature=0.8,
                                                          seed=i, ignore_eos=True))
             for i, (p, n) in enumerate(zip(prompts, [3, 30, 5, 30], strict=True))]
-    engine = _engine(tiny, max_batch_size=4)
+    engine = _engine(tiny, device, max_batch_size=4)
     stream = engine.stream(reqs)
     got = {c.request_id: c for c in [next(stream), next(stream)]}
     assert set(got) == {"r0", "r2"} and engine._hi == 2  # r1, r3 moved into slots 0 and 1
     got.update((c.request_id, c) for c in stream)
-    alone = _engine(tiny, max_batch_size=1)
+    alone = _engine(tiny, device, max_batch_size=1)
     for r in reqs:
         want = alone.generate([r])[0]
         assert got[r.request_id].token_ids == want.token_ids
-        assert got[r.request_id].logprobs == pytest.approx(want.logprobs, abs=1e-5)
+        assert got[r.request_id].logprobs == pytest.approx(want.logprobs, abs=_batch_atol(device))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_full_forward_before_truncation(tiny, temperature):
+def test_logprobs_equal_full_forward_before_truncation(tiny, temperature, device):
     prompts = _prompts(8, seed=5)
     reqs = _reqs(prompts, max_new_tokens=20, temperature=temperature, ignore_eos=True)
     reqs[1].sampling.top_k, reqs[2].sampling.top_p = 3, 0.5  # truncation must not change them
-    outs = _engine(tiny, max_batch_size=4).generate(reqs)
+    outs = _engine(tiny, device, max_batch_size=4).generate(reqs)
     model = load_pretrained(tiny)
     worst = 0.0
     for p, c in zip(prompts, outs, strict=True):
@@ -131,33 +142,33 @@ def test_logprobs_equal_full_forward_before_truncation(tiny, temperature):
     assert worst <= 1e-4
 
 
-def test_greedy_logprobs_use_temperature_one(tiny):
+def test_greedy_logprobs_use_temperature_one(tiny, device):
     p = _prompts(1, seed=6)[0]
-    c = _engine(tiny).generate(_reqs([p], max_new_tokens=10, temperature=0, ignore_eos=True))[0]
+    c = _engine(tiny, device).generate(_reqs([p], max_new_tokens=10, temperature=0, ignore_eos=True))[0]
     want = _full_logprobs(load_pretrained(tiny), p, c.token_ids, 1.0)
     assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-4)
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny, device):
     prompts = _prompts(6, seed=7)
     reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=16, temperature=1.0,
                                                          seed=100 + i, ignore_eos=True))
             for i, p in enumerate(prompts)]
-    a = _engine(tiny, max_batch_size=6).generate(reqs)
-    b = _engine(tiny, max_batch_size=2).generate(reqs[::-1])[::-1]  # other order, other slots
-    c = _engine(tiny, max_batch_size=1).generate(reqs[3:4])
+    a = _engine(tiny, device, max_batch_size=6).generate(reqs)
+    b = _engine(tiny, device, max_batch_size=2).generate(reqs[::-1])[::-1]  # other order, other slots
+    c = _engine(tiny, device, max_batch_size=1).generate(reqs[3:4])
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert a[3].token_ids == c[0].token_ids
     reseeded = [GenerationRequest(r.request_id, r.prompt_ids,
                                   SamplingParams(max_new_tokens=16, temperature=1.0, seed=7,
                                                  ignore_eos=True)) for r in reqs]
-    d = _engine(tiny, max_batch_size=6).generate(reseeded)
+    d = _engine(tiny, device, max_batch_size=6).generate(reseeded)
     assert [x.token_ids for x in d] != [x.token_ids for x in a]
 
 
-def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny):
+def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny, device):
     prompts = _prompts(6, seed=8)
-    engine = _engine(tiny, max_batch_size=6)
+    engine = _engine(tiny, device, max_batch_size=6)
     greedy = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True))
     for sp in (dict(top_k=1), dict(top_p=1e-6)):
         outs = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=1.5, seed=3,
@@ -173,8 +184,8 @@ def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny):
         assert int(rank.max()) < 3
 
 
-def test_stop_tokens_max_new_tokens_and_context_window(tiny):
-    engine = _engine(tiny, max_seq_len=20)
+def test_stop_tokens_max_new_tokens_and_context_window(tiny, device):
+    engine = _engine(tiny, device, max_seq_len=20)
     p = _prompts(1, seed=9)[0]
     free = engine.generate(_reqs([p], max_new_tokens=8, temperature=0, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 8
@@ -189,7 +200,7 @@ def test_stop_tokens_max_new_tokens_and_context_window(tiny):
     assert long.finish_reason == "length" and len(long.token_ids) == 20 - 15
 
 
-def test_bad_requests_fail_alone_and_the_batch_completes(tiny):
+def test_bad_requests_fail_alone_and_the_batch_completes(tiny, device):
     good = _prompts(3, seed=10)
     reqs = [
         GenerationRequest("too-long", [5] * 64),
@@ -199,7 +210,7 @@ def test_bad_requests_fail_alone_and_the_batch_completes(tiny):
         GenerationRequest("oov", [5, VOCAB, -1]),
         GenerationRequest("bad-top-p", [5], SamplingParams(top_p=0.0)),
     ] + _reqs(good, max_new_tokens=5, temperature=0, ignore_eos=True)
-    outs = {c.request_id: c for c in _engine(tiny, max_batch_size=2).generate(reqs)}
+    outs = {c.request_id: c for c in _engine(tiny, device, max_batch_size=2).generate(reqs)}
     expected = {"too-long": "context window", "empty": "empty prompt",
                 "no-new-tokens": "max_new_tokens=0", "neg-temp": "temperature=-0.5",
                 "oov": "outside the vocabulary", "bad-top-p": "top_p=0.0"}
@@ -210,9 +221,9 @@ def test_bad_requests_fail_alone_and_the_batch_completes(tiny):
         assert outs[f"r{i}"].finish_reason == "length" and len(outs[f"r{i}"].token_ids) == 5
 
 
-def test_duplicate_request_ids_are_refused(tiny):
+def test_duplicate_request_ids_are_refused(tiny, device):
     with pytest.raises(ValueError, match="more than once"):
-        _engine(tiny).generate([GenerationRequest("a", [3]), GenerationRequest("a", [4])])
+        _engine(tiny, device).generate([GenerationRequest("a", [3]), GenerationRequest("a", [4])])
 
 
 def _state(path):
@@ -228,8 +239,8 @@ def _greedy_under(path, prefix, n):
     return ids[len(prefix):]
 
 
-def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_b):
-    engine = _engine(tiny, max_batch_size=4)
+def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_b, device):
+    engine = _engine(tiny, device, max_batch_size=4)
     prompts = _prompts(3, seed=11)
     reqs = [GenerationRequest("short", prompts[0], SamplingParams(max_new_tokens=3, temperature=0,
                                                                   ignore_eos=True))]
@@ -254,11 +265,11 @@ def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_
         assert torch.allclose(torch.tensor(c.logprobs[k:]), want, atol=1e-4)
 
 
-def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b):
+def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b, device):
     prompts = _prompts(3, seed=16)
     outs = {}
     for mode in ("recompute", "keep"):
-        engine = _engine(tiny, max_batch_size=4, kv_on_commit=mode)
+        engine = _engine(tiny, device, max_batch_size=4, kv_on_commit=mode)
         stream = engine.stream(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
                                + [GenerationRequest("short", prompts[0],
                                                     SamplingParams(max_new_tokens=2,
@@ -273,8 +284,8 @@ def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b)
     assert [c.logprobs[2:] for c in outs["keep"]] != [c.logprobs[2:] for c in outs["recompute"]]
 
 
-def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b):
-    engine = _engine(tiny, max_batch_size=4)
+def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b, device):
+    engine = _engine(tiny, device, max_batch_size=4)
     prompts = _prompts(4, seed=12)
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
@@ -295,8 +306,8 @@ def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b):
         assert c.token_ids[k:] == _greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 40 - k)
 
 
-def test_incomplete_or_mismatched_weights_are_refused(tiny, llama):
-    engine = _engine(tiny)
+def test_incomplete_or_mismatched_weights_are_refused(tiny, llama, device):
+    engine = _engine(tiny, device)
     state = _state(tiny)
     with pytest.raises(ValueError, match="not a parameter"):
         engine.load_weights([("model.nope.weight", state[0][1])])
@@ -308,8 +319,8 @@ def test_incomplete_or_mismatched_weights_are_refused(tiny, llama):
     assert engine.policy_version == 0
 
 
-def test_pause_holds_decoding_and_resume_finishes(tiny):
-    engine = _engine(tiny)
+def test_pause_holds_decoding_and_resume_finishes(tiny, device):
+    engine = _engine(tiny, device)
     engine.pause()
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
@@ -322,8 +333,8 @@ def test_pause_holds_decoding_and_resume_finishes(tiny):
     assert [len(c.token_ids) > 0 for c in result["out"]] == [True, True]
 
 
-def test_abort_finishes_running_and_waiting_requests(tiny):
-    engine = _engine(tiny, max_batch_size=2)
+def test_abort_finishes_running_and_waiting_requests(tiny, device):
+    engine = _engine(tiny, device, max_batch_size=2)
     reqs = _reqs(_prompts(4, seed=13), max_new_tokens=30, temperature=0, ignore_eos=True)
     reqs[0].sampling.max_new_tokens = 2
     stream = engine.stream(reqs)
@@ -335,8 +346,8 @@ def test_abort_finishes_running_and_waiting_requests(tiny):
     assert rest["r2"].finish_reason == "length" and len(rest["r2"].token_ids) == 30
 
 
-def test_a_stream_closed_early_frees_its_slots(tiny):
-    engine = _engine(tiny, max_batch_size=2)
+def test_a_stream_closed_early_frees_its_slots(tiny, device):
+    engine = _engine(tiny, device, max_batch_size=2)
     stream = engine.stream(_reqs(_prompts(5, seed=15), max_new_tokens=30, temperature=0,
                                  ignore_eos=True))
     next(stream)
@@ -347,8 +358,8 @@ def test_a_stream_closed_early_frees_its_slots(tiny):
     assert len(again[0].token_ids) == 30
 
 
-def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny):
-    engine = _engine(tiny, max_batch_size=2)
+def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny, device):
+    engine = _engine(tiny, device, max_batch_size=2)
     stream = engine.stream(_reqs(_prompts(3, seed=18), max_new_tokens=30, temperature=0,
                                  ignore_eos=True))
     engine.pause()
@@ -384,13 +395,13 @@ def test_engine_config_composes_as_a_structured_config():
         TorchEngineConfig(kv_on_commit="later")
 
 
-def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny):
+def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny, device):
     prompts = _prompts(4, seed=14)
     reqs = _reqs(prompts, max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
-    engine = _engine(tiny, dtype="bfloat16")
+    engine = _engine(tiny, device, dtype="bfloat16")
     assert engine.cache.k[0].dtype == torch.bfloat16
     outs = engine.generate(reqs)
-    model = load_pretrained(tiny, dtype=torch.bfloat16)
+    model = load_pretrained(tiny, dtype=torch.bfloat16, device=device)  # same kernels
     worst = 0.0
     for p, c in zip(prompts, outs, strict=True):
         assert len(c.token_ids) == 6
@@ -399,9 +410,9 @@ def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny):
     assert worst < 0.15, worst  # bf16 logits of magnitude ~20 round by ~0.1
 
 
-@pytest.mark.slow  # compiles the decode step: ~30 s on 2 CPU cores
-def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, tiny_b):
-    prompts = _prompts(12, seed=21)
+def _before_and_after_commit(engine, new_weights, prompts):
+    """Greedy, sampled and truncated requests of rising lengths (more than the slots: slots
+    refill), then the same again after a commit of `new_weights`."""
     sampling = [dict(temperature=0), dict(temperature=0.7, seed=5), dict(temperature=0, top_k=4),
                 dict(temperature=1.0, top_k=5, top_p=0.9, seed=6)]
 
@@ -410,23 +421,44 @@ def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, 
                                                                  **sampling[i % 4]))
                 for i, p in enumerate(prompts)]
 
-    outs = {}
-    for compile in (False, True):
-        engine = _engine(tiny, max_batch_size=5, compile=compile)  # 12 requests: slots refill
-        first = engine.generate(reqs("a"))
-        engine.load_weights(_state(tiny_b))
-        engine.commit_weights(1)  # a pointer swap: the compiled graph must see the new weights
-        outs[compile] = first + engine.generate(reqs("b"))
-    for eager, compiled in zip(outs[False], outs[True], strict=True):
-        assert compiled.token_ids == eager.token_ids
-        assert compiled.finish_reason == eager.finish_reason
-        assert torch.allclose(torch.tensor(compiled.logprobs), torch.tensor(eager.logprobs),
-                              atol=1e-4)
-    assert outs[True][12].token_ids != outs[True][0].token_ids  # the new weights were used
+    first = engine.generate(reqs("a"))
+    engine.load_weights(_state(new_weights))
+    engine.commit_weights(1)
+    return first + engine.generate(reqs("b"))
+
+
+def _assert_same_outputs(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert g.finish_reason == w.finish_reason
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4)
+    n = len(got) // 2
+    assert got[n].token_ids != got[0].token_ids  # the new weights were used
+
+
+@pytest.mark.slow  # compiles the decode step: ~30 s on 2 CPU cores
+def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, tiny_b, device):
+    prompts = _prompts(12, seed=21)
+    # The commit is a pointer swap on CPU: the compiled graph must see the new weights.
+    outs = {compile: _before_and_after_commit(
+        _engine(tiny, device, max_batch_size=5, compile=compile), tiny_b, prompts)
+        for compile in (False, True)}
+    _assert_same_outputs(outs[True], outs[False])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_tokens_and_logprobs_of_kernel_launches(tiny, tiny_b):
+    prompts = _prompts(12, seed=22)
+    engines = {graphs: _engine(tiny, "cuda", max_batch_size=5, cuda_graphs=graphs)
+               for graphs in (False, True)}
+    # Graphs read the live tensors: the commit must copy into them.
+    outs = {g: _before_and_after_commit(e, tiny_b, prompts) for g, e in engines.items()}
+    assert 1 <= engines[True]._graphs.num_graphs <= 3  # rows 2, 4 or 5; keys one bucket of 64
+    _assert_same_outputs(outs[True], outs[False])
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers_generate():
+def test_smollm2_greedy_matches_transformers_generate(device):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-135m-instruct"
@@ -440,7 +472,7 @@ def test_smollm2_greedy_matches_transformers_generate():
     prompts = tok.encode_batch(["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
                                 "Once upon a time, in a small village"])
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    outs = _engine(path, max_batch_size=2, max_seq_len=128).generate(
+    outs = _engine(path, device, max_batch_size=2, max_seq_len=128).generate(
         _reqs(prompts, max_new_tokens=32, temperature=0))
     for p, c in zip(prompts, outs, strict=True):
         ids = torch.tensor([p])
@@ -450,7 +482,7 @@ def test_smollm2_greedy_matches_transformers_generate():
 
 
 @pytest.mark.slow
-def test_tiny_default_model_greedy_matches_transformers_generate():
+def test_tiny_default_model_greedy_matches_transformers_generate(device):
     from asyncflow.models import Tokenizer
     from asyncflow.tasks import AdditionTask, encode_prompt
     from asyncflow.tasks.arithmetic import AdditionConfig
@@ -460,7 +492,7 @@ def test_tiny_default_model_greedy_matches_transformers_generate():
     tok = Tokenizer.from_pretrained(path)
     problems = AdditionTask(AdditionConfig()).heldout_problems()[:64]
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
-    outs = _engine(path, max_batch_size=16).generate(_reqs(prompts, max_new_tokens=5,
+    outs = _engine(path, device, max_batch_size=16).generate(_reqs(prompts, max_new_tokens=5,
                                                            temperature=0))
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor(prompts)  # fixed-width prompts: no padding

@@ -2,8 +2,10 @@
 
 `load` copies named tensors (HF names, any dtype, in buckets) into a staging copy of every
 parameter while the live parameters keep serving forwards. `swap` exchanges the two sets by
-pointer (no copy), so the previous weights become the next staging area. Memory: one extra copy
-of the parameters, allocated at the first load.
+pointer (no copy), so the previous weights become the next staging area; with `in_place=True` it
+copies the staged tensors into the live ones instead (one device-side copy of the weights), for
+callers whose CUDA graphs hold the live parameters' addresses. Memory: one extra copy of the
+parameters, allocated at the first load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import nn
 class StagedWeights:
     """Staging buffers for the parameters of one module (tied parameters are staged once)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, in_place: bool = False):
+        self._in_place = in_place
         self._params: dict[str, nn.Parameter] = dict(
             model.named_parameters(remove_duplicate=False))
         self._staged: dict[int, torch.Tensor] = {}  # id(param) -> buffer
@@ -53,6 +56,10 @@ class StagedWeights:
         if any(p.is_cuda for p in self._params.values()):
             torch.cuda.synchronize()  # staged copies may still be in flight
         for p in {id(p): p for p in self._params.values()}.values():
+            if self._in_place:
+                with torch.no_grad():
+                    p.data.copy_(self._staged[id(p)])
+                continue
             live = p.data
             p.data = self._staged[id(p)]
             self._staged[id(p)] = live

@@ -46,7 +46,7 @@ from asyncflow.engines.base import (
     GenerationRequest,
     RolloutEngineConfig,
 )
-from asyncflow.engines.decode import build_decode_step
+from asyncflow.engines.decode import GraphedDecodeStep, build_decode_step
 from asyncflow.engines.kv_cache import SlotKVCache
 from asyncflow.engines.sampling import SamplingBatch, sample_from_logprobs
 from asyncflow.engines.staging import StagedWeights
@@ -88,6 +88,10 @@ class TorchEngineConfig(RolloutEngineConfig):
     (generation ~1.14x faster for the tiny model, ~1.06x for SmolLM2-135M on one CPU thread,
     see benchmarks/RESULTS.md) for 25-75 s of compilation at the first decode step (less with a
     warm inductor cache). For long runs; off by default so that tests and scripts start at once."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the decode step (eager or compiled) from CUDA graphs captured per bucket
+    of rows and key length (`decode.GraphedDecodeStep`): no per-kernel launch cost. Off: launch
+    each kernel (to debug or profile per operator). Ignored on CPU."""
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens"):
@@ -135,7 +139,6 @@ class TorchRolloutEngine:
         n, dev = cfg.max_batch_size, self.device
         self.cache = SlotKVCache(mc.num_hidden_layers, n, mc.num_key_value_heads, self.window,
                                  mc.head_dim, _DTYPES[cfg.dtype], dev)
-        self.weights = StagedWeights(self.model)
         # Per-slot state; a slot's sequence so far is seq[:pos + 1]; pos = keys in the cache.
         self._pos = torch.zeros(n, dtype=torch.long, device=dev)
         self._n_gen = torch.zeros(n, dtype=torch.long, device=dev)
@@ -151,6 +154,13 @@ class TorchRolloutEngine:
         self._seed = torch.zeros(n, dtype=torch.long, device=dev)
         self._ar_L = torch.arange(self.window, device=dev)
         self._decode_step = build_decode_step(cfg.compile)
+        self._graphs: GraphedDecodeStep | None = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self._graphs = GraphedDecodeStep(self._decode_step, n, self.window, self.vocab_size,
+                                             dev)
+            self._decode_step = self._graphs
+        # Graphs hold the live parameters' addresses: a commit copies into them.
+        self.weights = StagedWeights(self.model, in_place=self._graphs is not None)
         self._slots: list[_Seq | None] = [None] * n
         self._hi = 0  # decode rows: slots 0..hi-1 (the highest running slot + 1)
         self._sampling: SamplingBatch | None = None  # for rows 0..hi-1; None after slot changes
@@ -168,8 +178,9 @@ class TorchRolloutEngine:
         self._aborted: set[str] = set()
         self._healthy = True
         self._stall_s = 0.0
-        logger.info("torch engine: %d slots x %d positions, KV cache %.1f MiB on %s (%s)",
-                    n, self.window, self.cache.num_bytes / 2**20, dev, cfg.dtype)
+        logger.info("torch engine: %d slots x %d positions, KV cache %.1f MiB on %s (%s%s%s)",
+                    n, self.window, self.cache.num_bytes / 2**20, dev, cfg.dtype,
+                    ", compiled" if cfg.compile else "", ", CUDA graphs" if self._graphs else "")
 
     # ---- protocol: weights, control -------------------------------------------------------
 
@@ -470,9 +481,13 @@ class TorchRolloutEngine:
         # At least 2 rows (an idle row computes junk into its own slot): B = 1 would make the
         # compiled step specialise and compile a second graph.
         B = min(max(hi, 2), self.cfg.max_batch_size)
+        if self._graphs is not None:
+            B = self._graphs.rows_bucket(B)
         pos_B = self._pos[:B]
         last_B1 = self._seq[:B].gather(1, pos_B[:, None])
         S = int(pos_B.max()) + 1
+        if self._graphs is not None:
+            S = self._graphs.keys_bucket(S)  # keys past a row's position are masked
         logp_BV = self._decode_step(self.model, self.cache.k, self.cache.v, self.cache.rows_all[:B],
                                     last_B1, pos_B, self._ar_L[:S], self._temp[:B])
         self._pos[:hi] += self._active[:hi]
