@@ -380,8 +380,7 @@ class TorchRolloutEngine:
             new.append(s)
         if not new:
             return []
-        for s in new:
-            self._fill_slot(s)
+        self._fill_slots(new)
         self._hi = max(self._hi, max(s.slot for s in new) + 1)
         self._sampling = None
         finished = []
@@ -423,24 +422,41 @@ class TorchRolloutEngine:
             self._hi -= 1
         self._sampling = None
 
-    def _fill_slot(self, s: _Seq) -> None:
-        i, sp, n = s.slot, s.req.sampling, len(s.prompt_ids)
-        self._slots[i] = s
-        self._pos[i], self._n_gen[i], self._active[i] = n, 0, True
-        self._seq[i, :n] = torch.tensor(s.prompt_ids)
-        self._max_new[i] = sp.max_new_tokens
-        if len(s.stop_ids) > self._stop.shape[1]:
-            grown = torch.full((self._stop.shape[0], len(s.stop_ids)), -1, dtype=torch.long,
-                               device=self.device)
+    def _fill_slots(self, new: list[_Seq]) -> None:
+        """Per-slot state of newly admitted sequences: one indexed write per field (on CUDA, one
+        copy each instead of one per request and field)."""
+        for s in new:
+            self._slots[s.slot] = s
+        N, T = len(new), max(len(s.prompt_ids) for s in new)
+        W = max(self._stop.shape[1], max(len(s.stop_ids) for s in new))
+        if W > self._stop.shape[1]:
+            grown = torch.full((self._stop.shape[0], W), -1, dtype=torch.long, device=self.device)
             grown[:, : self._stop.shape[1]] = self._stop
             self._stop = grown
-        self._stop[i] = -1
-        self._stop[i, : len(s.stop_ids)] = torch.tensor(s.stop_ids, dtype=torch.long)
-        self._greedy[i] = sp.greedy
-        self._temp[i] = 1.0 if sp.greedy else sp.temperature
-        self._top_k[i] = sp.top_k if sp.top_k > 0 else self.vocab_size
-        self._top_p[i] = sp.top_p
-        self._seed[i] = s.seed
+        prompts_NT = torch.zeros(N, T, dtype=torch.long)
+        stop_NW = torch.full((N, W), -1, dtype=torch.long)
+        for j, s in enumerate(new):
+            prompts_NT[j, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+            stop_NW[j, : len(s.stop_ids)] = torch.tensor(s.stop_ids, dtype=torch.long)
+        sp = [s.req.sampling for s in new]
+        ints_NF = torch.tensor([[len(s.prompt_ids), p.max_new_tokens,
+                                 p.top_k if p.top_k > 0 else self.vocab_size, s.seed]
+                                for s, p in zip(new, sp, strict=True)])
+        floats_NF = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p] for p in sp])
+        dev = self.device
+        idx_N = torch.tensor([s.slot for s in new]).to(dev)
+        ints_NF, floats_NF = ints_NF.to(dev), floats_NF.to(dev)
+        self._seq[idx_N, :T] = prompts_NT.to(dev)
+        self._stop[idx_N] = stop_NW.to(dev)
+        self._pos[idx_N] = ints_NF[:, 0]
+        self._max_new[idx_N] = ints_NF[:, 1]
+        self._top_k[idx_N] = ints_NF[:, 2]
+        self._seed[idx_N] = ints_NF[:, 3]
+        self._temp[idx_N] = floats_NF[:, 0]
+        self._top_p[idx_N] = floats_NF[:, 1]
+        self._greedy[idx_N] = torch.tensor([p.greedy for p in sp]).to(dev)
+        self._n_gen[idx_N] = 0
+        self._active[idx_N] = True
 
     def _sampling_batch(self, rows) -> SamplingBatch:
         greedy_B = self._greedy[rows]
