@@ -403,6 +403,11 @@ class QueueClient:
         transfer fails the lease is given back before the error propagates."""
         by_owner: dict[int, list[tuple[str, list[int], list[int]]]] = {}
         for col, locs in grant.locations.items():
+            owners = {o for o, _ in locs}
+            if len(owners) == 1:  # the common case: one owner holds the whole column
+                by_owner.setdefault(owners.pop(), []).append(
+                    (col, [s for _, s in locs], list(range(len(locs)))))
+                continue
             per: dict[int, tuple[list[int], list[int]]] = {}
             for pos, (owner, slot) in enumerate(locs):
                 p = per.setdefault(owner, ([], []))

@@ -187,10 +187,12 @@ class Controller:
                         f"row {rid}: columns {dup} are already stored; columns are write-once"
                     )
             woken: set[int] = set()
+            rank = int(rank)
             for i, rid in enumerate(row_ids):
                 meta = self._rows[rid]
+                loc = (rank, int(slots[i]))
                 for c in col_idx:
-                    meta.locations[c] = (int(rank), int(slots[i]))
+                    meta.locations[c] = loc
                 old_mask = meta.ready_mask
                 meta.ready_mask |= mask
                 if num_tokens is not None:
@@ -207,9 +209,8 @@ class Controller:
                     ):
                         self._make_ready(st, rid, meta)
                         woken.add(st.index)
-            for rid in row_ids:
-                for s in self._reserved.values():
-                    s.discard(rid)
+            for s in self._reserved.values():
+                s.difference_update(row_ids)
             for i in woken:
                 self._stage_list[i].cond.notify_all()
 
@@ -263,6 +264,7 @@ class Controller:
             self._free(rid)
 
     def _free(self, rid: int) -> None:
+        """Forget a row; the caller wakes `_space` waiters once it has freed what it frees."""
         meta = self._rows.pop(rid)
         group = self._groups[meta.group_id]
         group.remove(rid)
@@ -270,13 +272,13 @@ class Controller:
             del self._groups[meta.group_id]
         for owner, slot in set(meta.locations.values()):
             self._freed.setdefault(owner, []).append((slot, rid))
-        self._space.notify_all()
 
     def _evict_stale(self, st: StageState, min_policy_version: int | None) -> None:
         """The one staleness enforcement point: rows older than `min_policy_version` are dropped
         for this stage (counted in `num_dropped_stale`), oldest version first; O(dropped rows)."""
         if min_policy_version is None:
             return
+        stored = len(self._rows)
         for v in [v for v in st.by_version if UNKNOWN_VERSION < v < min_policy_version]:
             for rid in list(st.by_version[v]):
                 meta = self._rows[rid]
@@ -284,6 +286,8 @@ class Controller:
                 st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
                 self.num_dropped_stale += 1
                 self._consume(st, rid)
+        if len(self._rows) < stored:
+            self._space.notify_all()
 
     # ---------------------------------------------------------------- get side
 
@@ -450,9 +454,12 @@ class Controller:
         with self._lock:
             lease = self._pop_lease(lease_id)
             st = self._stage_list[lease.stage]
+            stored = len(self._rows)
             for rid in lease.row_ids:
                 self._rows[rid].leased_mask &= ~(1 << st.index)
                 self._consume(st, rid)
+            if len(self._rows) < stored:
+                self._space.notify_all()
 
     def nack(self, lease_id: int) -> None:
         """Return the lease's rows to the front of the stage's ready set (redelivered first)."""
@@ -480,6 +487,7 @@ class Controller:
             for rid in self._reserved.pop(consumer, ()):
                 if rid in self._rows and self._rows[rid].ready_mask == 0:
                     self._free(rid)
+            self._space.notify_all()
             if n:
                 logger.warning(
                     "consumer %s expired; %d leased rows returned to the queue", consumer, n

@@ -158,8 +158,9 @@ class MemoryStorage:
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
         for name in columns:
-            for rid in row_ids:
-                for d in (self._base[name], self._start[name], self._len[name]):
+            dicts = (self._base[name], self._start[name], self._len[name])
+            for d in dicts if self.schema.spec(name).ragged else dicts[:2]:
+                for rid in row_ids:
                     d.pop(rid, None)
 
     def free(self, entries: list[tuple[int, int]]) -> None:
