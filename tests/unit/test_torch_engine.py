@@ -5,6 +5,7 @@ Every engine test runs on CPU; with `-m gpu` the same tests run with the engine 
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from asyncflow.engines import (
     TorchRolloutEngine,
     build_rollout_engine,
 )
+from asyncflow.engines.decode import GraphedDecodeStep
+from asyncflow.engines.staging import StagedWeights
 from asyncflow.models import ModelConfig, build_model, load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -444,6 +447,31 @@ def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, 
         _engine(tiny, device, max_batch_size=5, compile=compile), tiny_b, prompts)
         for compile in (False, True)}
     _assert_same_outputs(outs[True], outs[False])
+
+
+class _EagerReplay(GraphedDecodeStep):
+    """GraphedDecodeStep with its CUDA graphs replaced by a call of the step on the same fixed
+    buffers: runs on CPU, so CI checks the bucketing, the buffers and the in-place commit."""
+
+    KEY_BUCKET = 16  # several key buckets within the tiny model's 64 positions
+
+    def _capture(self, model, k_layers, v_layers, B, S):
+        args = self._args(model, k_layers, v_layers, B, S)
+        return SimpleNamespace(replay=lambda: self._out[:B].copy_(self._step(*args)))
+
+
+def test_graph_buckets_and_fixed_buffers_give_the_outputs_of_the_plain_step(tiny, tiny_b):
+    prompts = _prompts(12, seed=23)
+    plain = _engine(tiny, "cpu", max_batch_size=5)
+    bucketed = _engine(tiny, "cpu", max_batch_size=5)
+    # What the engine does on CUDA with cuda_graphs=True, with eager replays instead of graphs.
+    bucketed._graphs = bucketed._decode_step = _EagerReplay(
+        bucketed._decode_step, 5, bucketed.window, bucketed.vocab_size, bucketed.device)
+    bucketed.weights = StagedWeights(bucketed.model, in_place=True)
+    outs = [_before_and_after_commit(e, tiny_b, prompts) for e in (plain, bucketed)]
+    buckets = set(bucketed._graphs._graphs)
+    assert {B for B, _ in buckets} == {2, 4, 5} and {S for _, S in buckets} == {16, 32, 48}
+    _assert_same_outputs(outs[1], outs[0])
 
 
 @pytest.mark.gpu

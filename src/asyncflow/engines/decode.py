@@ -77,7 +77,7 @@ class GraphedDecodeStep:
         self._pos = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._temp = torch.ones(max_rows, device=device)
         self._out = torch.empty(max_rows, vocab_size, device=device)
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = None  # one memory pool for every graph, made at the first capture
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def rows_bucket(self, B: int) -> int:
@@ -109,9 +109,13 @@ class GraphedDecodeStep:
         graph.replay()
         return self._out[:B]
 
-    def _capture(self, model, k_layers, v_layers, B: int, S: int) -> torch.cuda.CUDAGraph:
-        args = (model, k_layers, v_layers, self._rows[:B], self._last[:B], self._pos[:B],
+    def _args(self, model, k_layers, v_layers, B: int, S: int) -> tuple:
+        """The step's arguments for bucket (B, S): views of the fixed buffers."""
+        return (model, k_layers, v_layers, self._rows[:B], self._last[:B], self._pos[:B],
                 self._ar[:S], self._temp[:B])
+
+    def _capture(self, model, k_layers, v_layers, B: int, S: int) -> torch.cuda.CUDAGraph:
+        args = self._args(model, k_layers, v_layers, B, S)
         # Warm-up off the capture (lazy cuBLAS/compile work must not be captured). It runs the
         # step for real: the same KV writes the replay makes, so it changes nothing.
         side = torch.cuda.Stream()
@@ -119,6 +123,8 @@ class GraphedDecodeStep:
         with torch.cuda.stream(side):
             self._out[:B].copy_(self._step(*args))
         torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._out[:B].copy_(self._step(*args))
