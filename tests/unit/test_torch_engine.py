@@ -453,11 +453,16 @@ class _EagerReplay(GraphedDecodeStep):
     """GraphedDecodeStep with its CUDA graphs replaced by a call of the step on the same fixed
     buffers: runs on CPU, so CI checks the bucketing, the buffers and the in-place commit."""
 
-    KEY_BUCKET = 16  # several key buckets within the tiny model's 64 positions
+    MIN_KEY_STEP = 16  # several key buckets within the tiny model's 64 positions
 
     def _capture(self, model, k_layers, v_layers, B, S):
         args = self._args(model, k_layers, v_layers, B, S)
-        return SimpleNamespace(replay=lambda: self._out[:B].copy_(self._step(*args)))
+
+        def replay():
+            self.__dict__.setdefault("replayed", set()).add((B, S))
+            self._out[:B].copy_(self._step(*args))
+
+        return SimpleNamespace(replay=replay)
 
 
 def test_graph_buckets_and_fixed_buffers_give_the_outputs_of_the_plain_step(tiny, tiny_b):
@@ -466,11 +471,13 @@ def test_graph_buckets_and_fixed_buffers_give_the_outputs_of_the_plain_step(tiny
     bucketed = _engine(tiny, "cpu", max_batch_size=5)
     # What the engine does on CUDA with cuda_graphs=True, with eager replays instead of graphs.
     bucketed._graphs = bucketed._decode_step = _EagerReplay(
-        bucketed._decode_step, 5, bucketed.window, bucketed.vocab_size, bucketed.device)
+        bucketed._decode_step, bucketed.model, bucketed.cache.k, bucketed.cache.v, 5,
+        bucketed.window, bucketed.vocab_size, bucketed.device)
     bucketed.weights = StagedWeights(bucketed.model, in_place=True)
+    assert set(bucketed._graphs._graphs) == {(B, S) for B in (2, 4, 5) for S in (16, 32, 48, 64)}
     outs = [_before_and_after_commit(e, tiny_b, prompts) for e in (plain, bucketed)]
-    buckets = set(bucketed._graphs._graphs)
-    assert {B for B, _ in buckets} == {2, 4, 5} and {S for _, S in buckets} == {16, 32, 48}
+    used = bucketed._graphs.replayed
+    assert {B for B, _ in used} == {2, 4, 5} and {S for _, S in used} == {16, 32, 48}
     _assert_same_outputs(outs[1], outs[0])
 
 

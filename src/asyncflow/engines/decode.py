@@ -15,8 +15,10 @@ specialise and compile a second graph) and every length; weights swapped by poin
 `GraphedDecodeStep` (CUDA) replays the step, eager or compiled, from CUDA graphs: a small model's
 decode step is hundreds of short kernels, and launching them one by one from Python keeps the GPU
 busy ~10% of the time (SmolLM2-135M, batch 256, H200; benchmarks/RESULTS.md). One graph per
-bucket of (B, S), captured at first use; the engine rounds B up to a power of two and S up to a
-multiple of 64, so a few dozen graphs serve a whole run. A graph reads the tensors it was captured
+bucket of (B, S), all captured when the engine is built (~2 steps' time each; a capture made
+mid-run could collide with another thread's CUDA work); the engine rounds B up to a power of two
+and S up to a multiple of 64 (coarser past 512 keys: at most ~1/8 padding), so a 256-slot,
+2048-position engine has 8 x 16 graphs. A graph reads the tensors it was captured
 with: inputs are copied into fixed buffers, the output is written into one fixed buffer (so the
 graphs share one memory pool whatever order they replay in), and a weight commit must copy into
 the live parameters instead of swapping pointers (`StagedWeights(in_place=True)`).
@@ -27,6 +29,7 @@ Shape legend: B decode rows, S key positions, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -62,13 +65,15 @@ def build_decode_step(compile: bool) -> Callable[..., torch.Tensor]:
 
 
 class GraphedDecodeStep:
-    """`step` (a decode step as above) replayed from CUDA graphs, one per (B, S) bucket."""
+    """`step` (a decode step as above) replayed from CUDA graphs, one per (B, S) bucket, all
+    captured when it is built."""
 
-    KEY_BUCKET = 64
-    """S is rounded up to a multiple of this (and capped at the cache length)."""
+    MIN_KEY_STEP = 64
+    """S is rounded up to a multiple of max(this, an eighth of the next power of two)."""
 
-    def __init__(self, step: Callable[..., torch.Tensor], max_rows: int, max_len: int,
-                 vocab_size: int, device: torch.device):
+    def __init__(self, step: Callable[..., torch.Tensor], model: CausalLM,
+                 k_layers: list[torch.Tensor], v_layers: list[torch.Tensor], max_rows: int,
+                 max_len: int, vocab_size: int, device: torch.device):
         self._step = step
         self._max_rows, self._max_len = max_rows, max_len
         self._rows = torch.arange(max_rows, device=device)
@@ -78,15 +83,24 @@ class GraphedDecodeStep:
         self._temp = torch.ones(max_rows, device=device)
         self._out = torch.empty(max_rows, vocab_size, device=device)
         self._pool = None  # one memory pool for every graph, made at the first capture
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Every bucket now, before other threads (weight loads, collectives) use the device: a
+        # capture fails when another thread works on the legacy stream meanwhile.
+        rows = sorted({self.rows_bucket(b) for b in range(min(2, max_rows), max_rows + 1)})
+        keys = sorted({self.keys_bucket(s) for s in range(1, max_len + 1)})
+        self._graphs: dict[tuple[int, int], Any] = {}
+        with torch.inference_mode():
+            for B in rows:
+                for S in keys:
+                    self._graphs[(B, S)] = self._capture(model, k_layers, v_layers, B, S)
 
     def rows_bucket(self, B: int) -> int:
         """Rows of the graph that serves B rows: the next power of two, capped."""
         return min(1 << (B - 1).bit_length(), self._max_rows)
 
     def keys_bucket(self, S: int) -> int:
-        """Key positions of the graph that serves S: the next multiple of KEY_BUCKET, capped."""
-        return min(-(-S // self.KEY_BUCKET) * self.KEY_BUCKET, self._max_len)
+        """Key positions of the graph that serves S (attention over at most ~1/8 more keys)."""
+        step = max(self.MIN_KEY_STEP, (1 << (S - 1).bit_length()) // 8)
+        return min(-(-S // step) * step, self._max_len)
 
     @property
     def num_graphs(self) -> int:
@@ -94,18 +108,17 @@ class GraphedDecodeStep:
 
     def __call__(self, model, k_layers, v_layers, rows_B, last_B1, pos_B, ar_S,
                  temperature_B) -> torch.Tensor:
-        """Same contract as `decode_logprobs`, for a bucketed (B, S); rows_B and ar_S must be
-        aranges. The result is a view of a buffer that the next call overwrites."""
+        """Same contract as `decode_logprobs`, for a bucketed (B, S) and the model and cache the
+        graphs were captured with; rows_B and ar_S must be aranges. The result is a view of a
+        buffer that the next call overwrites."""
         B, S = rows_B.shape[0], ar_S.shape[0]
-        if (self.rows_bucket(B), self.keys_bucket(S)) != (B, S):
+        graph = self._graphs.get((B, S))
+        if graph is None:
             raise ValueError(f"(B, S) = ({B}, {S}) is not a bucket; round with rows_bucket "
                              f"and keys_bucket")
         self._last[:B].copy_(last_B1)
         self._pos[:B].copy_(pos_B)
         self._temp[:B].copy_(temperature_B)
-        graph = self._graphs.get((B, S))
-        if graph is None:
-            graph = self._graphs[(B, S)] = self._capture(model, k_layers, v_layers, B, S)
         graph.replay()
         return self._out[:B]
 
@@ -117,7 +130,8 @@ class GraphedDecodeStep:
     def _capture(self, model, k_layers, v_layers, B: int, S: int) -> torch.cuda.CUDAGraph:
         args = self._args(model, k_layers, v_layers, B, S)
         # Warm-up off the capture (lazy cuBLAS/compile work must not be captured). It runs the
-        # step for real: the same KV writes the replay makes, so it changes nothing.
+        # step for real on the idle cache (the buffers hold position 0): junk in free slots,
+        # which a prefill overwrites.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -89,9 +89,10 @@ class TorchEngineConfig(RolloutEngineConfig):
     see benchmarks/RESULTS.md) for 25-75 s of compilation at the first decode step (less with a
     warm inductor cache). For long runs; off by default so that tests and scripts start at once."""
     cuda_graphs: bool = True
-    """On CUDA, replay the decode step (eager or compiled) from CUDA graphs captured per bucket
-    of rows and key length (`decode.GraphedDecodeStep`): no per-kernel launch cost. Off: launch
-    each kernel (to debug or profile per operator). Ignored on CPU."""
+    """On CUDA, replay the decode step (eager or compiled) from CUDA graphs, one per bucket of
+    rows and key length, captured when the engine is built (`decode.GraphedDecodeStep`): no
+    per-kernel launch cost. Off: launch each kernel (to debug or profile per operator).
+    Ignored on CPU."""
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens"):
@@ -156,8 +157,8 @@ class TorchRolloutEngine:
         self._decode_step = build_decode_step(cfg.compile)
         self._graphs: GraphedDecodeStep | None = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self._graphs = GraphedDecodeStep(self._decode_step, n, self.window, self.vocab_size,
-                                             dev)
+            self._graphs = GraphedDecodeStep(self._decode_step, self.model, self.cache.k,
+                                             self.cache.v, n, self.window, self.vocab_size, dev)
             self._decode_step = self._graphs
         # Graphs hold the live parameters' addresses: a commit copies into them.
         self.weights = StagedWeights(self.model, in_place=self._graphs is not None)
