@@ -224,6 +224,16 @@ def test_bad_requests_fail_alone_and_the_batch_completes(tiny, device):
         assert outs[f"r{i}"].finish_reason == "length" and len(outs[f"r{i}"].token_ids) == 5
 
 
+def test_integer_temperature_and_float_seed_are_admitted_like_floats_and_ints(tiny, device):
+    p = _prompts(2, seed=24)
+    as_ints = _reqs(p, max_new_tokens=6, temperature=1, top_p=1, seed=5.0, ignore_eos=True)
+    as_floats = _reqs(p, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=5, ignore_eos=True)
+    engine = _engine(tiny, device, max_batch_size=2)
+    got, want = engine.generate(as_ints), engine.generate(as_floats)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert all(len(c.token_ids) == 6 for c in got)
+
+
 def test_duplicate_request_ids_are_refused(tiny, device):
     with pytest.raises(ValueError, match="more than once"):
         _engine(tiny, device).generate([GenerationRequest("a", [3]), GenerationRequest("a", [4])])
@@ -457,8 +467,11 @@ class _EagerReplay(GraphedDecodeStep):
 
     def _capture(self, model, k_layers, v_layers, B, S):
         args = self._args(model, k_layers, v_layers, B, S)
+        captured = [p.data_ptr() for p in model.parameters()]
 
         def replay():
+            # A real graph reads the addresses it was captured with: a commit must not move them.
+            assert [p.data_ptr() for p in model.parameters()] == captured
             self.__dict__.setdefault("replayed", set()).add((B, S))
             self._out[:B].copy_(self._step(*args))
 

@@ -440,10 +440,11 @@ class TorchRolloutEngine:
             prompts_NT[j, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
             stop_NW[j, : len(s.stop_ids)] = torch.tensor(s.stop_ids, dtype=torch.long)
         sp = [s.req.sampling for s in new]
-        ints_NF = torch.tensor([[len(s.prompt_ids), p.max_new_tokens,
-                                 p.top_k if p.top_k > 0 else self.vocab_size, s.seed]
-                                for s, p in zip(new, sp, strict=True)])
-        floats_NF = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p] for p in sp])
+        ints_NF = torch.tensor([[len(s.prompt_ids), int(p.max_new_tokens),
+                                 int(p.top_k) if p.top_k > 0 else self.vocab_size, int(s.seed)]
+                                for s, p in zip(new, sp, strict=True)], dtype=torch.long)
+        floats_NF = torch.tensor([[1.0 if p.greedy else float(p.temperature), float(p.top_p)]
+                                  for p in sp], dtype=torch.float32)
         dev = self.device
         idx_N = torch.tensor([s.slot for s in new]).to(dev)
         ints_NF, floats_NF = ints_NF.to(dev), floats_NF.to(dev)
@@ -455,7 +456,7 @@ class TorchRolloutEngine:
         self._seed[idx_N] = ints_NF[:, 3]
         self._temp[idx_N] = floats_NF[:, 0]
         self._top_p[idx_N] = floats_NF[:, 1]
-        self._greedy[idx_N] = torch.tensor([p.greedy for p in sp]).to(dev)
+        self._greedy[idx_N] = torch.tensor([bool(p.greedy) for p in sp], dtype=torch.bool).to(dev)
         self._n_gen[idx_N] = 0
         self._active[idx_N] = True
 
