@@ -10,7 +10,8 @@
 
 One thread runs `stream`/`generate`. Each loop iteration ("step") admits waiting requests into
 free slots (one batched prefill per chunk, once `min_admit` slots are free), then runs one decode
-step over slots 0..hi-1 (`decode.decode_logprobs`, compiled with `compile=True`) and samples one
+step over slots 0..hi-1 (`decode.decode_logprobs`, compiled with `compile=True`; on CUDA replayed
+from CUDA graphs, with the rows and key length rounded up to a captured bucket) and samples one
 token per slot. A slot freed by a finished request is
 refilled at a following step; once nothing waits, the highest running slots move into the holes
 (`_compact`) so that decoding computes no idle rows.
