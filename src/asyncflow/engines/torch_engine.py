@@ -120,6 +120,14 @@ class _Seq:
     version_changes: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+    """int64 [len(rows), width] on CPU: each row's ids, then `fill`."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def _check_unique(requests: Sequence[GenerationRequest]) -> None:
     ids = [r.request_id for r in requests]
     if len(set(ids)) != len(ids):
@@ -333,10 +341,7 @@ class TorchRolloutEngine:
     def _prefill(self, slots: list[int], seqs: list[list[int]]) -> torch.Tensor:
         """Write the KV cache of `seqs` into `slots`; return last-position logits [N, V]."""
         dev, N, T = self.device, len(seqs), max(len(s) for s in seqs)
-        ids_NT = torch.zeros(N, T, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids_NT[i, : len(s)] = torch.tensor(s)
-        ids_NT = ids_NT.to(dev)
+        ids_NT = _padded(seqs, T, 0).to(dev)
         lens_N = torch.tensor([len(s) for s in seqs], device=dev)
         ar_T = torch.arange(T, device=dev)
         mask_NTT = (ar_T[None, :, None] >= ar_T[None, None, :]) & (ar_T < lens_N[:, None])[:, None]
@@ -429,17 +434,14 @@ class TorchRolloutEngine:
         copy each instead of one per request and field)."""
         for s in new:
             self._slots[s.slot] = s
-        N, T = len(new), max(len(s.prompt_ids) for s in new)
+        T = max(len(s.prompt_ids) for s in new)
         W = max(self._stop.shape[1], max(len(s.stop_ids) for s in new))
         if W > self._stop.shape[1]:
             grown = torch.full((self._stop.shape[0], W), -1, dtype=torch.long, device=self.device)
             grown[:, : self._stop.shape[1]] = self._stop
             self._stop = grown
-        prompts_NT = torch.zeros(N, T, dtype=torch.long)
-        stop_NW = torch.full((N, W), -1, dtype=torch.long)
-        for j, s in enumerate(new):
-            prompts_NT[j, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-            stop_NW[j, : len(s.stop_ids)] = torch.tensor(s.stop_ids, dtype=torch.long)
+        prompts_NT = _padded([s.prompt_ids for s in new], T, 0)
+        stop_NW = _padded([s.stop_ids for s in new], W, -1)
         sp = [s.req.sampling for s in new]
         ints_NF = torch.tensor([[len(s.prompt_ids), int(p.max_new_tokens),
                                  int(p.top_k) if p.top_k > 0 else self.vocab_size, int(s.seed)]
