@@ -52,7 +52,9 @@ def test_a_killed_rank_ends_the_run_promptly_with_a_clear_message(tmp_path, rank
 
 
 def test_a_hung_rank_ends_the_run_after_the_timeout(tmp_path):
-    timeout_s = 4
+    # Long enough that a loaded 2-core machine still gets the run going (with 4 s, one run in a
+    # fresh clone died before its third step while another job shared the machine).
+    timeout_s = 10
     proc = _launch(tmp_path, [f"run.timeout_s={timeout_s}"])
     pid = _when_running(proc, tmp_path, 1)
     t0 = time.monotonic()
