@@ -48,6 +48,7 @@ from asyncflow.queue import (  # noqa: E402
     serve,
 )
 from asyncflow.queue.client import RemoteControl  # noqa: E402
+from asyncflow.queue.metadata import Grant  # noqa: E402
 from asyncflow.queue.schema import Schema  # noqa: E402
 from asyncflow.queue.storage import MemoryStorage  # noqa: E402
 from asyncflow.queue.transport import DistTransport  # noqa: E402
@@ -88,7 +89,8 @@ def check(b) -> None:
     )
 
 
-def queue_pass(rank: int, client, batches, paced: bool, step: int) -> tuple[float, list[float]]:
+def queue_pass(rank: int, client, batches, paced: bool, step: int,
+               prefetch: int = 4) -> tuple[float, list[float]]:  # fmt: skip
     """One pass of all rows. Returns (seconds first put -> last ack, per-batch one-way latencies)."""
     flag = torch.zeros(1, dtype=torch.float64)
     dist.barrier()
@@ -112,9 +114,9 @@ def queue_pass(rank: int, client, batches, paced: bool, step: int) -> tuple[floa
             client.ack(b)
             got += len(b)
             dist.send(torch.tensor([t_have], dtype=torch.float64), dst=0)
-    else:  # stream: the stage-loop iterator, leasing and fetching up to 2 batches ahead
+    else:  # stream: the stage-loop iterator, leasing and fetching up to `prefetch` batches ahead
         stream = client.stream(
-            "train", BATCH, prefetch=2, timeout_s=60, min_rows=BATCH, sampler=StepSampler(step)
+            "train", BATCH, prefetch=prefetch, timeout_s=60, min_rows=BATCH, sampler=StepSampler(step)
         )
         for b in stream:  # ends when the step is exhausted
             check(b)
@@ -175,7 +177,7 @@ def batches_columns() -> list[str]:
     return ["prompt", "response", "logprob"]
 
 
-def worker(rank: int, port: int, repeats: int, results) -> None:
+def worker(rank: int, port: int, repeats: int, prefetch: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=PG_TIMEOUT)
@@ -206,7 +208,8 @@ def worker(rank: int, port: int, repeats: int, results) -> None:
                 secs, _ = raw_pass(rank, paced=False)
                 _, lat = raw_pass(rank, paced=True)
             else:
-                secs, _ = queue_pass(rank, clients[name], batches, paced=False, step=1 + 2 * r)
+                secs, _ = queue_pass(rank, clients[name], batches, paced=False, step=1 + 2 * r,
+                                     prefetch=prefetch)
                 _, lat = queue_pass(rank, clients[name], batches, paced=True, step=2 + 2 * r)
             out.setdefault(f"{name}/stream_s", []).append(secs)
             out.setdefault(f"{name}/paced_lat_s", []).append(lat)
@@ -270,7 +273,7 @@ def _control_plane(sizes: tuple[int, ...], blocks: int, iters: int) -> dict[int,
                 rc.call("nack", {"lease_id": grant["lease_id"]})  # rows back: stored count fixed
                 if i >= 10:
                     lat.append(time.perf_counter() - t0)
-                assert len(grant["row_ids"]) == BATCH
+                assert len(Grant.from_wire(grant).row_ids) == BATCH
             out[n].append(statistics.median(lat))
     for server, rc in conns.values():
         rc.close()
@@ -301,6 +304,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=4,
+                    help="stream mode: batches the consumer keeps leased ahead (leased and "
+                         "pulled half of them at a time)")  # fmt: skip
     ap.add_argument(
         "--write", type=Path, default=None, help="append/replace the Queue section here"
     )
@@ -312,7 +318,7 @@ def main() -> None:
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=worker, args=(r, port, args.repeats, results)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, args.repeats, args.prefetch, results)) for r in range(2)]
     for p in procs:
         p.start()
     res = results.get(timeout=900)
@@ -378,22 +384,25 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write is not None:
-        write_section(args.write, table, args.repeats, load_before)
+        write_section(args.write, table, args.repeats, args.prefetch, load_before)
 
 
-def write_section(path: Path, table: str, repeats: int, load: float) -> None:
+def write_section(path: Path, table: str, repeats: int, prefetch: int, load: float) -> None:
     header = "## Queue (benchmarks/queue.py)"
     body = (
         f"{header}\n\n"
-        f"Command: `python benchmarks/queue.py --repeats {repeats} --write benchmarks/RESULTS.md`; "
+        f"Command: `python benchmarks/queue.py --repeats {repeats} --prefetch {prefetch} --write "
+        f"benchmarks/RESULTS.md`; "
         f"machine: 2-core CPU dev VM (no GPU); date: {datetime.date.today().isoformat()}; "
         f"torch {torch.__version__}; 1-minute load average before the run {load:.2f} (the VM is "
         f"shared with other jobs, so figures move with its load). Median [min, max] over {repeats} "
         f"repeats, transports interleaved, after a warm-up pass. "
         f"{NUM_ROWS} rows x 16 KiB, 64-row micro-batches, 1 producer + 1 consumer process, capacity 1024 rows.\n\n"
         f"{table}\n\n"
-        "Notes. stream: the consumer is the `QueueClient.stream` stage-loop iterator (2 batches "
-        "leased and transferred ahead), the producer free-runs until capacity blocks it; paced: "
+        f"Notes. stream: the consumer is the `QueueClient.stream` stage-loop iterator with "
+        f"prefetch={prefetch} (up to {prefetch} batches leased ahead; once half are consumed the "
+        f"missing ones are leased in one `get_many` round trip and pulled in one message per "
+        f"owner), the producer free-runs until capacity blocks it; paced: "
         "one micro-batch in flight, latency from the start of `put` to the batch (all columns) in "
         "the consumer's hands, p50/p99 over 64 batches per repeat. The producer hosts the "
         "controller and calls it in-process; the consumer talks to it over the socket. raw gloo: "

@@ -39,9 +39,17 @@ def pipeline_cfg(transport, num_rows, **kw):
     return QueueConfig(**base)
 
 
-def _drain(client, stage, batch_size, handle):
-    """Stage loop: get this step's rows until the step is exhausted for the stage."""
+def _drain(client, stage, batch_size, handle, prefetch=0):
+    """Stage loop: get this step's rows until the step is exhausted for the stage; with
+    `prefetch`, through `stream` (batches leased several per round trip, pulled together)."""
     seen = []
+    if prefetch:
+        for batch in client.stream(stage, batch_size, prefetch=prefetch, timeout_s=10,
+                                   sampler=StepSampler(0)):  # fmt: skip
+            handle(batch)
+            client.ack(batch)
+            seen += batch.row_ids
+        return seen
     while True:
         batch = client.get(stage, batch_size, timeout_s=10, sampler=StepSampler(0))
         if not len(batch):
@@ -99,8 +107,12 @@ def _pipeline_rank(rank, world_size, cfg, address):
 
         def train(batch):
             assert torch.equal(batch.columns["reward"], batch.columns["response"].lengths.float())
+            resp = batch.columns["response"]
+            for p, r in zip(batch.columns["prompt"], resp.rows(), strict=True):
+                assert torch.equal(r, p.repeat(2)[: r.shape[0]] + 1), "response corrupted"
 
-        join = _in_thread(lambda: _drain(client, "train", 6, train))
+        # rows of each batch live on up to four ranks: prompt and reward on 0-1, response on 2-3
+        join = _in_thread(lambda: _drain(client, "train", 6, train, prefetch=4))
         seen["rollout"] = _drain(client, "rollout", 7, rollout)
         seen["train"] = join()
     if group is not None:

@@ -1,6 +1,7 @@
 """Client + storage + transports in one process: local (zero-copy) and shared memory via the
 socket server, ragged columns, bad input, storage checkpoints."""
 
+import json
 import os
 import socket
 import time
@@ -353,3 +354,62 @@ def test_memory_storage_reads_ragged_rows_of_one_put_without_copying():
         assert [r.tolist() for r in got.rows()] == [w.tolist() for w in want], slots
     # rows of one put, in order: a view of the put's values
     assert storage.read("response", [1, 2, 3]).values.data_ptr() == values[3:].data_ptr()
+
+
+def test_grants_cross_the_socket_packed_and_come_back_equal():
+    from asyncflow.queue.metadata import Grant, pack_ints, unpack_ints
+
+    for xs in ([], [4], [4, 9], [3, 4, 5, 6], [7, 7, 7], [9, 7, 5, 3], [1, 2, 4], [2, 2, 3]):
+        packed = pack_ints(xs)
+        assert unpack_ints(packed) == xs
+        assert isinstance(packed, dict) == (len(xs) >= 3 and xs in ([3, 4, 5, 6], [7, 7, 7],
+                                                                   [9, 7, 5, 3]))
+    rows = list(range(100, 164))
+    grant = Grant(3, rows, [2] * 64, [-1 - r for r in rows], [5] * 63 + [6], [9, 1] * 32,
+                  {"a": ([0] * 64, rows), "b": ([0] * 64, list(rows)), "c": ([1] * 64, rows[::-1])})
+    wire = grant.to_wire()
+    assert wire["locations"]["b"] == "a"  # columns stored together are sent once
+    assert all(isinstance(wire[k], dict) for k in ("rows", "steps", "groups"))
+    assert isinstance(wire["tokens"], list)  # no progression: sent as it is
+    assert len(json.dumps(wire)) < 1000  # ~3 KB as plain lists
+    assert Grant.from_wire(json.loads(json.dumps(wire))) == grant
+
+
+def test_stream_leases_several_batches_per_round_trip_and_pulls_them_in_one_transfer(shm_pair):
+    """prefetch=4: batches leased two or more at a time come from one transfer per owner; each is
+    still its own lease, and ragged rows are split between them correctly."""
+    producer, consumer = shm_pair
+    responses = [torch.arange(n, dtype=torch.int64) for n in (1, 4, 0, 6, 2, 3, 5, 1)]
+    ids = producer.put({"prompt": torch.arange(32).view(8, 4), "response": responses,
+                        "logprob": torch.arange(24, dtype=torch.float32).view(8, 3)})  # fmt: skip
+    calls = []
+    real_start = consumer._remote.start
+
+    def counting_start(owner, requests):
+        calls.append(len(requests[0][1]))
+        return real_start(owner, requests)
+
+    consumer._remote.start = counting_start
+    seen = []
+    for batch in consumer.stream("train", 2, prefetch=4, timeout_s=0.2):
+        for r, got in zip(batch.row_ids, batch.columns["response"].rows(), strict=True):
+            assert torch.equal(got, responses[ids.index(r)])
+        assert torch.equal(batch.columns["prompt"][:, 0], torch.tensor(batch.row_ids) * 4
+                           - 4 * ids[0])  # fmt: skip
+        seen.append(batch.row_ids)
+        consumer.ack(batch)
+    assert [r for b in seen for r in b] == ids and all(len(b) == 2 for b in seen)
+    assert sum(calls) == 8 and max(calls) >= 4, calls  # rows of 2+ batches per transfer
+    assert len(calls) < len(seen)
+    assert consumer.stats()["num_leases"] == 0
+
+
+def test_a_failed_transfer_of_several_batches_gives_every_lease_back(shm_pair):
+    producer, consumer = shm_pair
+    producer.put({"prompt": torch.zeros(8, 4, dtype=torch.int64)})
+    producer.storage.close()  # the slab files vanish, as if rank 0 lived on another host
+    with pytest.raises(ValueError, match="transport='dist' across hosts"):
+        next(consumer.stream("rollout", 2, prefetch=4, timeout_s=1))
+    stats = consumer.stats()
+    assert stats["ready/rollout"] == 8 and stats["num_leases"] == 0
+

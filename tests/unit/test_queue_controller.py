@@ -266,3 +266,20 @@ def test_state_dict_roundtrip_redelivers_leased_rows():
     assert new.get("c", "rollout", 8, timeout_s=0).row_ids == leased.row_ids + [ids[3]]
     assert new.reserve("p", 1) == [4]  # row ids continue, never reused
     assert new.get("c", "rollout", 8, timeout_s=0, sampler=StepSampler(0)).row_ids == []
+
+
+def test_get_many_answers_what_is_ready_now_and_ends_a_step_without_another_round_trip():
+    ctl = Controller(make_cfg(rows_per_step=6))
+    ids = put(ctl, 5, step=0)
+    grants = ctl.get_many("c", "rollout", 2, 4, timeout_s=0, sampler=StepSampler(0), min_rows=2)
+    # two whole grants; a third would have to wait for a second row
+    assert [g.row_ids for g in grants] == [ids[:2], ids[2:4]]
+    assert len({g.lease_id for g in grants}) == 2  # each grant is its own lease
+    ctl.ack(grants[0].lease_id)
+    ctl.nack(grants[1].lease_id)
+    last = put(ctl, 1, step=0)
+    grants = ctl.get_many("c", "rollout", 2, 4, timeout_s=0, sampler=StepSampler(0), min_rows=2)
+    assert [g.row_ids for g in grants] == [ids[2:4], [ids[4], *last], []]
+    assert grants[-1].exhausted  # the step is all taken: the stream learns it in this answer
+    with pytest.raises(ValueError, match="count=0"):
+        ctl.get_many("c", "rollout", 2, 0)

@@ -92,31 +92,49 @@ class QueueModel(RuleBasedStateMachine):
             self.ctl.commit("p", 0, [row], ["x"], [row])
         assert self.ctl.state_dict() == before
 
-    @rule(stage=st.sampled_from(sorted(NEEDS)), consumer=st.sampled_from(["c0", "c1", "c2"]),
-          batch_size=st.integers(1, 5), group=st.booleans())  # fmt: skip
-    def get(self, stage, consumer, batch_size, group):
+    def available(self, stage, group):
+        """Rows a sampler could lease now: eligible ones, and for groups only whole groups."""
         eligible = self.eligible(stage)
+        if not group:
+            return eligible
+        return {r for r in eligible if sum(self.group[o] == self.group[r] for o in eligible) == GROUP}
+
+    @rule(stage=st.sampled_from(sorted(NEEDS)), consumer=st.sampled_from(["c0", "c1", "c2"]),
+          batch_size=st.integers(1, 5), group=st.booleans(), count=st.integers(1, 3),
+          min_rows=st.integers(1, 3))  # fmt: skip
+    def get(self, stage, consumer, batch_size, group, count, min_rows):
+        """`get_many` (`get` is its count=1): each grant is what a `get` would answer after the
+        previous ones, and the list stops only when the next would have to wait."""
+        min_rows = min(min_rows, batch_size)
         if group and batch_size < GROUP:
             with pytest.raises(ValueError):
-                self.ctl.get(consumer, stage, batch_size, timeout_s=0, sampler=GroupSampler())
+                self.ctl.get_many(consumer, stage, batch_size, count, timeout_s=0,
+                                  sampler=GroupSampler(), min_rows=min_rows)  # fmt: skip
             return
         sampler = GroupSampler() if group else None
-        g = self.ctl.get(consumer, stage, batch_size, timeout_s=0, sampler=sampler)
-        rows = g.row_ids
-        assert len(rows) == len(set(rows)) <= batch_size
-        assert set(rows) <= eligible, "delivered a row not ready, already consumed, or leased"
-        if group:
-            by_group: dict[int, int] = {}
-            for r in rows:
-                by_group[self.group[r]] = by_group.get(self.group[r], 0) + 1
-            assert all(v == GROUP for v in by_group.values())
-            complete = [gid for gid in set(self.group.values())
-                        if sum(1 for r in eligible if self.group[r] == gid) == GROUP]  # fmt: skip
-            assert len(rows) == min(len(complete), batch_size // GROUP) * GROUP
-        else:
-            assert len(rows) == min(batch_size, len(eligible))
-        if rows:
+        grants = self.ctl.get_many(consumer, stage, batch_size, count, timeout_s=0,
+                                   sampler=sampler, min_rows=min_rows)  # fmt: skip
+        assert 1 <= len(grants) <= count
+        for k, g in enumerate(grants):
+            rows = g.row_ids
+            available = self.available(stage, group)
+            if len(available) < min_rows:
+                assert k == 0 and not rows, "leased fewer than min_rows, or did not stop"
+                return
+            assert len(rows) == len(set(rows)) <= batch_size
+            assert set(rows) <= available, "delivered a row not ready, already consumed, or leased"
+            if group:
+                by_group: dict[int, int] = {}
+                for r in rows:
+                    by_group[self.group[r]] = by_group.get(self.group[r], 0) + 1
+                assert all(v == GROUP for v in by_group.values())
+                assert len(rows) == min(len(available), batch_size // GROUP * GROUP)
+            else:
+                assert len(rows) == min(batch_size, len(available))
             self.leases[g.lease_id] = (stage, consumer, rows)
+        assert len(grants) == count or len(self.available(stage, group)) < min_rows, (
+            "stopped although the next grant would not have had to wait"
+        )
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())

@@ -287,16 +287,19 @@ class QueueClient:
     ) -> Batch:
         """Lease up to `batch_size` rows whose columns `stage` needs are all ready and that the
         stage has not consumed; blocks until `min_rows` are available. Empty batch on timeout."""
-        return self._start(self._lease(stage, batch_size, timeout_s, sampler, min_rows, columns,
-                                       min_policy_version))()  # fmt: skip
+        grants = self._lease(stage, batch_size, 1, timeout_s, sampler, min_rows, columns,
+                             min_policy_version)  # fmt: skip
+        return self._start(grants)[0]()
 
-    def _lease(self, stage: str, batch_size: int, timeout_s: float | None, sampler: Sampler | None,
-               min_rows: int, columns: list[str] | None, min_policy_version: int | None) -> Grant:  # fmt: skip
-        return Grant.from_dict(self._call(
-            "get", stage=stage, batch_size=batch_size, timeout_s=timeout_s,
+    def _lease(self, stage: str, batch_size: int, count: int, timeout_s: float | None,
+               sampler: Sampler | None, min_rows: int, columns: list[str] | None,
+               min_policy_version: int | None) -> list[Grant]:  # fmt: skip
+        """Up to `count` grants from one control round trip (`Controller.get_many`)."""
+        return [Grant.from_wire(g) for g in self._call(
+            "get_many", stage=stage, batch_size=batch_size, count=count, timeout_s=timeout_s,
             sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows, columns=columns,
             min_policy_version=min_policy_version,
-        ))  # fmt: skip
+        )]  # fmt: skip
 
     def get_balanced(
         self,
@@ -312,12 +315,12 @@ class QueueClient:
     ) -> Batch:
         """Collective over the `dp_size` ranks of a data-parallel mesh: each call is answered
         together with the same call of the other ranks, token-balanced, equal row counts (+-1)."""
-        grant = Grant.from_dict(self._call(
+        grant = Grant.from_wire(self._call(
             "get_balanced", stage=stage, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
             timeout_s=timeout_s, sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows,
             columns=columns, min_policy_version=min_policy_version,
         ))  # fmt: skip
-        return self._start(grant)()
+        return self._start([grant])[0]()
 
     def stream(
         self,
@@ -331,39 +334,47 @@ class QueueClient:
         min_policy_version: int | None = None,
     ) -> Iterator[Batch]:
         """Yield `get(...)` batches until one comes back empty (timeout, or the step sampler's step
-        is exhausted). A background thread leases up to `prefetch` batches ahead and starts their
-        transfers, so control round trips and transfers overlap the caller's work. The caller
-        acks each batch; leases still ahead when the caller stops iterating are given back."""
+        is exhausted). A background thread keeps up to `prefetch` batches leased and their
+        transfers started, so control round trips and transfers overlap the caller's work. Once
+        half of them are consumed it leases the missing ones in one round trip (`get_many`) and
+        pulls their rows in one message per owner. The caller acks each batch; leases still ahead
+        when the caller stops iterating are given back."""
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch}; must be >= 1")
-        args = (stage, batch_size, timeout_s, sampler, min_rows, columns, min_policy_version)
+        chunk = max(1, prefetch // 2)
         cond = threading.Condition()
         ahead: collections.deque[Callable[[], Batch] | BaseException] = collections.deque()
         stopped = [False]
 
         def prefetcher() -> None:
-            """Prefetch loop: waits in `get`, starts the transfer, then waits for room in `ahead`;
-            ends after an empty batch, an error, or when the consumer stopped (then it gives its
-            lease back untouched)."""
+            """Prefetch loop: waits until `chunk` batches of room are free in `ahead` (or the
+            consumer stopped), leases that many in one `get_many`, starts their transfers and
+            appends them; ends after an empty batch or an error."""
             while True:
-                empty = False
-                try:
-                    grant = self._lease(*args)
-                    empty = not grant.row_ids
-                    item: Callable[[], Batch] | BaseException = self._start(grant)
-                except (ValueError, TimeoutError, OSError, RuntimeError) as e:
-                    item = e
                 with cond:
-                    while len(ahead) >= prefetch and not stopped[0]:
+                    while prefetch - len(ahead) < chunk and not stopped[0]:
                         cond.wait()
-                    if not stopped[0]:
-                        ahead.append(item)
+                    if stopped[0]:
+                        return
+                    count = prefetch - len(ahead)
+                items: list[Callable[[], Batch] | BaseException]
+                try:
+                    grants = self._lease(stage, batch_size, count, timeout_s, sampler, min_rows,
+                                         columns, min_policy_version)  # fmt: skip
+                    items = list(self._start(grants))
+                except (ValueError, TimeoutError, OSError, RuntimeError) as e:
+                    grants, items = [], [e]
+                with cond:
+                    handed = not stopped[0]
+                    if handed:
+                        ahead.extend(items)
                         cond.notify_all()
-                if stopped[0]:
-                    if not isinstance(item, BaseException):
-                        self._give_back(item)
+                if not handed:  # the consumer stopped meanwhile: these never reached it
+                    for item in items:
+                        if not isinstance(item, BaseException):
+                            self._give_back(item)
                     return
-                if isinstance(item, BaseException) or empty:
+                if not grants or not grants[-1].row_ids:
                     return
 
         name = f"asyncflow-queue-prefetch-{stage}"
@@ -397,25 +408,32 @@ class QueueClient:
         except (OSError, ValueError, RuntimeError) as e:  # closed: the dropped link returns rows
             logger.warning("could not give back prefetched rows: %s", e)
 
-    def _start(self, grant: Grant) -> Callable[[], Batch]:
-        """Start one transfer per owner; the returned function waits for them and assembles the
-        batch. Columns whose rows live on several owners are reassembled in row order. If a
-        transfer fails the lease is given back before the error propagates."""
-        by_owner: dict[int, list[tuple[str, list[int], list[int]]]] = {}
-        for col, locs in grant.locations.items():
-            owners = {o for o, _ in locs}
-            if len(owners) == 1:  # the common case: one owner holds the whole column
-                by_owner.setdefault(owners.pop(), []).append(
-                    (col, [s for _, s in locs], list(range(len(locs)))))
+    def _start(self, grants: list[Grant]) -> list[Callable[[], Batch]]:
+        """Start one transfer per owner for the rows of all `grants` together; each returned
+        function waits for them and returns its grant's batch. Columns whose rows live on several
+        owners are reassembled in row order. If a transfer fails every lease is given back before
+        the error propagates."""
+        full = [g for g in grants if g.row_ids]
+        if len(full) == 1:
+            locations = full[0].locations
+        else:
+            locations = {c: (list(itertools.chain.from_iterable(g.locations[c][0] for g in full)),
+                             list(itertools.chain.from_iterable(g.locations[c][1] for g in full)))
+                         for c in (full[0].locations if full else {})}  # fmt: skip
+        by_owner: dict[int, list[tuple[str, list[int], list[int] | None]]] = {}
+        for col, (owners, slots) in locations.items():
+            if owners.count(owners[0]) == len(owners):  # the common case: one owner
+                by_owner.setdefault(owners[0], []).append((col, slots, None))
                 continue
             per: dict[int, tuple[list[int], list[int]]] = {}
-            for pos, (owner, slot) in enumerate(locs):
+            for pos, (owner, slot) in enumerate(zip(owners, slots, strict=True)):
                 p = per.setdefault(owner, ([], []))
                 p[0].append(slot)
                 p[1].append(pos)
-            for owner, (slots, positions) in per.items():
-                by_owner.setdefault(owner, []).append((col, slots, positions))
-        started: list[tuple[list[tuple[str, list[int], list[int]]], Pending]] = []
+            for owner, (owner_slots, positions) in per.items():
+                by_owner.setdefault(owner, []).append((col, owner_slots, positions))
+        leases = [g.lease_id for g in full if g.lease_id >= 0]
+        started: list[tuple[list[tuple[str, list[int], list[int] | None]], Pending]] = []
         try:
             for owner, reqs in by_owner.items():
                 transport = self._local if owner == self.rank else self._remote
@@ -429,37 +447,66 @@ class QueueClient:
             for _, pending in started:  # finish what was started: its owner may be sending it
                 with contextlib.suppress(RuntimeError, OSError):
                     pending()
-            self.nack_lease(grant.lease_id)  # owner unreachable: give the rows back, then fail
+            for lease_id in leases:  # owner unreachable: give the rows back, then fail
+                self.nack_lease(lease_id)
             raise
 
-        def finish() -> Batch:
-            pieces: dict[str, list[tuple[list[int], ColumnValue]]] = {
-                c: [] for c in grant.locations
-            }
-            try:
-                for reqs, pending in started:
-                    for (col, _, positions), v in zip(reqs, pending(), strict=True):
-                        pieces[col].append((positions, v))
-            except (RuntimeError, OSError):
-                self.nack_lease(grant.lease_id)
-                raise
-            return Batch(grant.row_ids, self._assemble(grant, pieces), grant.lease_id, grant.steps,
-                         grant.group_ids, grant.policy_versions, grant.num_tokens,
-                         grant.exhausted)  # fmt: skip
+        num_rows = sum(len(g.row_ids) for g in full)
+        done: dict[str, Any] = {}
+        lock = threading.Lock()
 
-        return finish
+        def columns() -> dict[str, ColumnValue]:
+            """The columns of all grants' rows, waited for once by whichever batch asks first."""
+            with lock:
+                if "error" in done:
+                    raise done["error"]
+                if "columns" not in done:
+                    pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]] = {
+                        c: [] for c in locations
+                    }
+                    try:
+                        for reqs, pending in started:
+                            for (col, _, positions), v in zip(reqs, pending(), strict=True):
+                                pieces[col].append((positions, v))
+                    except (RuntimeError, OSError) as e:
+                        done["error"] = e
+                        for lease_id in leases:
+                            self.nack_lease(lease_id)
+                        raise
+                    done["columns"] = self._assemble(num_rows, pieces)
+                return done["columns"]
 
-    def _assemble(self, grant: Grant, pieces: dict[str, list[tuple[list[int], ColumnValue]]]
+        def finisher(grant: Grant, first: int) -> Callable[[], Batch]:
+            def finish() -> Batch:
+                if not grant.row_ids:
+                    cols: dict[str, ColumnValue] = {}
+                elif len(full) == 1:
+                    cols = columns()
+                else:
+                    end = first + len(grant.row_ids)
+                    cols = {c: v.slice_rows(first, end) if isinstance(v, Ragged) else v[first:end]
+                            for c, v in columns().items()}  # fmt: skip
+                return Batch(grant.row_ids, cols, grant.lease_id, grant.steps, grant.group_ids,
+                             grant.policy_versions, grant.num_tokens, grant.exhausted)  # fmt: skip
+
+            return finish
+
+        firsts = itertools.accumulate((len(g.row_ids) for g in grants[:-1]), initial=0)
+        return [finisher(g, first) for g, first in zip(grants, firsts, strict=True)]
+
+    def _assemble(self, num_rows: int,
+                  pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]]
                   ) -> dict[str, ColumnValue]:  # fmt: skip
+        """One value per column; `positions` None means the piece holds every row in order."""
         out: dict[str, ColumnValue] = {}
-        n = len(grant.row_ids)
         for col, parts in pieces.items():
             if len(parts) == 1:
                 out[col] = parts[0][1]
                 continue
             spec = self.schema.spec(col)
-            rows: list[torch.Tensor | None] = [None] * n
+            rows: list[torch.Tensor | None] = [None] * num_rows
             for positions, v in parts:
+                assert positions is not None, "a column split across owners has positions"
                 values = v.rows() if isinstance(v, Ragged) else v.unbind(0)
                 for p, r in zip(positions, values, strict=True):
                     rows[p] = r
@@ -502,8 +549,9 @@ class QueueClient:
                 continue
             locs = {r[0]: next((o, s) for ci, o, s in r[7] if ci == c) for r in meta["rows"]
                     if r[5] >> c & 1}
-            grant = Grant(-1, rows, [], [], [], [], {name: [locs[r] for r in rows]})
-            value = self._start(grant)().columns[name]
+            owners, slots = zip(*[locs[r] for r in rows], strict=True)
+            grant = Grant(-1, rows, [], [], [], [], {name: (list(owners), list(slots))})
+            value = self._start([grant])[0]().columns[name]
             columns[name] = ({"row_ids": rows, "values": value.values, "offsets": value.offsets}
                              if isinstance(value, Ragged) else {"row_ids": rows, "values": value})
         return {"meta": meta, "columns": columns}

@@ -328,11 +328,18 @@ class Controller:
         self._leases[lease_id] = Lease(lease_id, st.index, consumer, rows)
         self._by_consumer.setdefault(consumer, set()).add(lease_id)
         metas = [self._rows[r] for r in rows]
-        cols = [(c, self.schema.index[c]) for c in columns]
+        locations: dict[str, tuple[list[int], list[int]]] = {}
+        last_pairs: list[tuple[int, int]] = []
+        for c in columns:
+            i = self.schema.index[c]
+            pairs = [m.locations[i] for m in metas]
+            if pairs != last_pairs:  # columns put together share their (owner, slot) lists
+                owners, slots = zip(*pairs, strict=True)
+                last, last_pairs = (list(owners), list(slots)), pairs
+            locations[c] = last
         return Grant(
             lease_id, list(rows), [m.step for m in metas], [m.group_id for m in metas],
-            [m.policy_version for m in metas], [m.num_tokens for m in metas],
-            {c: [m.locations[i] for m in metas] for c, i in cols},
+            [m.policy_version for m in metas], [m.num_tokens for m in metas], locations,
         )  # fmt: skip
 
     def _wait_rows(self, st: StageState, sampler: Sampler, want_rows: int, deadline: float,
@@ -362,17 +369,48 @@ class Controller:
     ) -> Grant:
         """Lease up to `batch_size` rows ready for `stage` that it has not consumed, once at least
         `min_rows` are available (the step sampler: or the rest of its step). Empty on timeout."""
+        return self.get_many(consumer, stage, batch_size, 1, timeout_s, sampler, min_rows,
+                             columns, min_policy_version)[0]  # fmt: skip
+
+    def get_many(
+        self,
+        consumer: str,
+        stage: str,
+        batch_size: int,
+        count: int,
+        timeout_s: float | None = None,
+        sampler: Sampler | None = None,
+        min_rows: int = 1,
+        columns: list[str] | None = None,
+        min_policy_version: int | None = None,
+    ) -> list[Grant]:
+        """Up to `count` grants, each what `get` would answer at that moment and each its own
+        lease (acked on its own): waits as `get` for the first, then adds grants only while the
+        sampler can answer without waiting. An empty grant ends the list (timeout, or the step's
+        end, so a streaming consumer learns it without another round trip)."""
+        if count < 1:
+            raise ValueError(f"count={count}; must be >= 1")
         st = self._stage(stage)
         sampler = sampler or FifoSampler()
         columns = self._check_get(st, batch_size, min_rows, sampler, columns)
         deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
+        grants: list[Grant] = []
         with self._lock:
             if not self._wait_rows(st, sampler, min_rows, deadline, min_policy_version):
-                return Grant.empty()
-            rows = sampler.take(st, batch_size, self._groups)
-            if not rows:
-                return Grant.empty(self._exhausted(st, sampler))
-            return self._lease(st, consumer, rows, columns)
+                return [Grant.empty()]
+            while len(grants) < count:
+                rows = sampler.take(st, batch_size, self._groups)
+                if not rows:
+                    grants.append(Grant.empty(self._exhausted(st, sampler)))
+                    break
+                grants.append(self._lease(st, consumer, rows, columns))
+                if len(grants) == count:
+                    break
+                self._evict_stale(st, min_policy_version)
+                want = sampler.wanted(st, min_rows, self.cfg.rows_per_step)
+                if want > 0 and sampler.available(st) < want:
+                    break  # the rest would have to wait: a later call waits for it
+            return grants
 
     def _exhausted(self, st: StageState, sampler: Sampler) -> bool:
         """The sampler wants nothing more (a step sampler whose step the stage has all taken)."""

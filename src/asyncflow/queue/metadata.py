@@ -40,8 +40,8 @@ class Grant:
     group_ids: list[int]
     policy_versions: list[int]
     num_tokens: list[int]
-    locations: dict[str, list[tuple[int, int]]]
-    """column -> per row (owner rank, slot)."""
+    locations: dict[str, tuple[list[int], list[int]]]
+    """column -> (owner rank of each row, slot of each row in its owner's storage)."""
     exhausted: bool = False
     """Empty because the step sampler's step has nothing left for the stage (not a timeout)."""
 
@@ -49,17 +49,51 @@ class Grant:
     def empty(exhausted: bool = False) -> Grant:
         return Grant(-1, [], [], [], [], [], {}, exhausted)
 
-    def to_dict(self) -> dict[str, Any]:
-        """For the socket: JSON writes the (owner, slot) tuples as arrays, no copy per row."""
-        return dict(self.__dict__)
+    def to_wire(self) -> dict[str, Any]:
+        """For the socket. Every int list is packed (`pack_ints`): rows put together have
+        consecutive ids and slots and share step and owner, so a 64-row grant is a few numbers
+        instead of ~3 KB of JSON arrays (~110 us to write and read)."""
+        locs: dict[str, Any] = {}
+        seen: list[tuple[str, tuple[list[int], list[int]]]] = []
+        for col, loc in self.locations.items():
+            same = next((c for c, other in seen if other == loc), None)  # columns put together
+            locs[col] = same if same is not None else [pack_ints(loc[0]), pack_ints(loc[1])]
+            seen.append((col, loc))
+        return {"lease_id": self.lease_id, "rows": pack_ints(self.row_ids),
+                "steps": pack_ints(self.steps), "groups": pack_ints(self.group_ids),
+                "versions": pack_ints(self.policy_versions), "tokens": pack_ints(self.num_tokens),
+                "locations": locs, "exhausted": self.exhausted}  # fmt: skip
 
     @staticmethod
-    def from_dict(d: dict[str, Any] | Grant) -> Grant:
+    def from_wire(d: dict[str, Any] | Grant) -> Grant:
         """Decode a socket reply; the in-process control plane hands over the Grant itself."""
         if isinstance(d, Grant):
             return d
-        locs = {k: list(map(tuple, v)) for k, v in d["locations"].items()}
+        locs: dict[str, tuple[list[int], list[int]]] = {}
+        for col, loc in d["locations"].items():
+            locs[col] = locs[loc] if isinstance(loc, str) else (unpack_ints(loc[0]),
+                                                                unpack_ints(loc[1]))
         return Grant(
-            int(d["lease_id"]), list(d["row_ids"]), list(d["steps"]), list(d["group_ids"]),
-            list(d["policy_versions"]), list(d["num_tokens"]), locs, bool(d.get("exhausted")),
+            int(d["lease_id"]), unpack_ints(d["rows"]), unpack_ints(d["steps"]),
+            unpack_ints(d["groups"]), unpack_ints(d["versions"]), unpack_ints(d["tokens"]), locs,
+            bool(d["exhausted"]),
         )  # fmt: skip
+
+
+def pack_ints(xs: list[int]) -> list[int] | dict[str, int]:
+    """An arithmetic progression as `{"first", "stride", "n"}`, anything else as the list itself.
+    The check runs at C speed (`count`, a range compared with the list), not per element in Python."""
+    n = len(xs)
+    if n < 3:
+        return xs
+    first, stride = xs[0], xs[1] - xs[0]
+    if xs.count(first) == n if stride == 0 else xs == list(range(first, first + stride * n, stride)):
+        return {"first": first, "stride": stride, "n": n}
+    return xs
+
+
+def unpack_ints(packed: list[int] | dict[str, int]) -> list[int]:
+    if isinstance(packed, list):
+        return packed
+    first, stride, n = packed["first"], packed["stride"], packed["n"]
+    return [first] * n if stride == 0 else list(range(first, first + stride * n, stride))

@@ -192,6 +192,12 @@ class Ragged:
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 
+    def slice_rows(self, start: int, end: int) -> Ragged:
+        """Rows [start, end) as a view of these values."""
+        offsets = self.offsets[start : end + 1]
+        first = int(offsets[0])
+        return Ragged(self.values[first : int(offsets[-1])], offsets - first)
+
     def rows(self) -> list[torch.Tensor]:
         return [
             self.values[a:b]

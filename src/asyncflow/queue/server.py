@@ -29,6 +29,15 @@ _MAX_FRAME_BYTES = 64 << 20
 
 _I, _F, _L, _D, _S = int, float, list, dict, str
 _OPT = type(None)
+_GET = {
+    "stage": (_S,),
+    "batch_size": (_I,),
+    "timeout_s": (_F, _I, _OPT),
+    "sampler": (_D,),
+    "min_rows": (_I,),
+    "columns": (_L, _OPT),
+    "min_policy_version": (_I, _OPT),
+}
 # op -> {arg name: allowed JSON types}
 _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {},
@@ -45,26 +54,9 @@ _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
         "policy_versions": (_L, _OPT),
         "num_tokens": (_L, _OPT),
     },  # fmt: skip
-    "get": {
-        "stage": (_S,),
-        "batch_size": (_I,),
-        "timeout_s": (_F, _I, _OPT),
-        "sampler": (_D,),
-        "min_rows": (_I,),
-        "columns": (_L, _OPT),
-        "min_policy_version": (_I, _OPT),
-    },  # fmt: skip
-    "get_balanced": {
-        "stage": (_S,),
-        "dp_rank": (_I,),
-        "dp_size": (_I,),
-        "batch_size": (_I,),
-        "timeout_s": (_F, _I, _OPT),
-        "sampler": (_D,),
-        "min_rows": (_I,),
-        "columns": (_L, _OPT),
-        "min_policy_version": (_I, _OPT),
-    },  # fmt: skip
+    "get": _GET,
+    "get_many": {**_GET, "count": (_I,)},
+    "get_balanced": {**_GET, "dp_rank": (_I,), "dp_size": (_I,)},
     "ack": {"lease_id": (_I,)},
     "nack": {"lease_id": (_I,)},
     "take_freed": {},
@@ -90,7 +82,8 @@ def check_args(op: str, args: dict[str, Any]) -> None:
 
 def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str, Any]) -> Any:
     """Run one checked request against the controller; the result is JSON-serialisable, except
-    a `get`'s `Grant`, which the socket handler encodes (an in-process caller takes it as is)."""
+    the `Grant`s of the get ops, which the socket handler encodes (an in-process caller takes
+    them as they are)."""
     check_args(op, args)
     if op == "hello":
         return {"session": ctl.session, "capacity_rows": ctl.cfg.capacity_rows}
@@ -98,9 +91,10 @@ def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str,
         return ctl.reserve(consumer, **args)
     if op == "commit":
         return ctl.commit(consumer, rank, **args)
-    if op in ("get", "get_balanced"):
+    if op in ("get", "get_many", "get_balanced"):
         args = dict(args, sampler=sampler_from_dict(args["sampler"]))
-        fn: Callable[..., Any] = ctl.get if op == "get" else ctl.get_balanced
+        fn: Callable[..., Any] = {"get": ctl.get, "get_many": ctl.get_many,
+                                  "get_balanced": ctl.get_balanced}[op]  # fmt: skip
         return fn(consumer, **args)
     if op == "ack":
         return ctl.ack(**args)
@@ -197,7 +191,9 @@ class ControllerServer:
                         self.controller, consumer, rank, str(msg.get("op")), msg["args"]
                     )
                     if isinstance(result, Grant):
-                        result = result.to_dict()
+                        result = result.to_wire()
+                    elif isinstance(result, list) and result and isinstance(result[0], Grant):
+                        result = [g.to_wire() for g in result]
                     freed = self.controller.take_freed(rank)  # tuples: JSON arrays
                     reply = {"ok": True, "result": result, "freed": freed}
                 except (ValueError, TypeError, TimeoutError) as e:
