@@ -413,3 +413,16 @@ def test_a_failed_transfer_of_several_batches_gives_every_lease_back(shm_pair):
     stats = consumer.stats()
     assert stats["ready/rollout"] == 8 and stats["num_leases"] == 0
 
+
+def test_memory_storage_reads_dense_rows_of_several_puts_in_any_order():
+    from asyncflow.queue.schema import Schema
+    from asyncflow.queue.storage import MemoryStorage
+
+    storage = MemoryStorage(Schema(make_cfg("local").columns))
+    a, b = torch.arange(12).view(3, 4), torch.arange(100, 108).view(2, 4)
+    storage.write([0, 1, 2], {"prompt": a})
+    storage.write([3, 4], {"prompt": b})
+    rows = torch.cat([a, b])
+    for slots in ([0, 1, 2, 3, 4], [1, 2, 3], [4, 3, 2], [0, 3, 1, 4], [2]):
+        assert torch.equal(storage.read("prompt", slots), rows[slots]), slots
+    assert storage.read("prompt", [1, 2]).data_ptr() == a[1].data_ptr()  # one put: a view

@@ -145,6 +145,10 @@ def test_group_sampler_returns_only_whole_groups():
         ctl.get("c", "rollout", 2, sampler=GroupSampler())
     with pytest.raises(ValueError, match="would hold 4 rows"):
         ctl.reserve("p", 1, group_ids=[8])
+    before = ctl.state_dict()
+    with pytest.raises(ValueError, match="group_ids must be >= 0"):  # negative: rows of no group
+        ctl.reserve("p", 3, group_ids=[-1, -1, -1])
+    assert ctl.state_dict() == before
 
 
 def test_group_range_sampler_waits_for_every_group_and_orders_rows():

@@ -72,6 +72,7 @@ class Controller:
     def _reset(self) -> None:
         self._rows: dict[int, RowMeta] = {}
         self._groups: dict[int, list[int]] = {}
+        """group id -> its rows; rows put without group ids (group id < 0) are not indexed."""
         self._next_row_id = 0
         self._leases: dict[int, Lease] = {}
         self._next_lease_id = 0
@@ -110,6 +111,9 @@ class Controller:
                 raise ValueError(f"group_ids is required when group_size={self.cfg.group_size} > 1")
         elif len(group_ids) != num_rows:
             raise ValueError(f"len(group_ids)={len(group_ids)} != number of rows {num_rows}")
+        elif min(group_ids) < 0:
+            raise ValueError(f"group_ids must be >= 0, got {min(group_ids)}: a negative group id "
+                             f"stands for a row of no group")  # fmt: skip
         deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
         with self._lock:
             self._check_groups(group_ids)
@@ -125,10 +129,14 @@ class Controller:
                 self._check_groups(group_ids)
             ids = list(range(self._next_row_id, self._next_row_id + num_rows))
             self._next_row_id += num_rows
-            for i, rid in enumerate(ids):
-                gid = -1 - rid if group_ids is None else int(group_ids[i])  # own group: -1 - row
-                self._rows[rid] = RowMeta(step=int(step), group_id=gid)
-                self._groups.setdefault(gid, []).append(rid)
+            step, rows = int(step), self._rows
+            if group_ids is None:  # rows of no group: group id -1 - row, not indexed in _groups
+                for rid in ids:
+                    rows[rid] = RowMeta(step, -1 - rid)
+            else:
+                for rid, gid in zip(ids, map(int, group_ids), strict=True):
+                    rows[rid] = RowMeta(step, gid)
+                    self._groups.setdefault(gid, []).append(rid)
             self._reserved.setdefault(consumer, set()).update(ids)
             return ids
 
@@ -188,25 +196,21 @@ class Controller:
                     )
             woken: set[int] = set()
             rank = int(rank)
+            stages = [(st, 1 << st.index, st.needs_mask) for st in self._stage_list]
             for i, rid in enumerate(row_ids):
                 meta = self._rows[rid]
                 loc = (rank, int(slots[i]))
                 for c in col_idx:
                     meta.locations[c] = loc
                 old_mask = meta.ready_mask
-                meta.ready_mask |= mask
+                new_mask = meta.ready_mask = old_mask | mask
                 if num_tokens is not None:
                     meta.num_tokens = int(num_tokens[i])
                 if policy_versions is not None and int(policy_versions[i]) != meta.policy_version:
                     self._set_version(rid, meta, int(policy_versions[i]))
-                for st in self._stage_list:
-                    bit = 1 << st.index
-                    if (meta.consumed_mask | meta.leased_mask) & bit:
-                        continue
-                    if (
-                        st.needs_mask & meta.ready_mask == st.needs_mask
-                        and st.needs_mask & old_mask != st.needs_mask
-                    ):
+                busy = meta.consumed_mask | meta.leased_mask
+                for st, bit, needs in stages:
+                    if not busy & bit and new_mask & needs == needs and old_mask & needs != needs:
                         self._make_ready(st, rid, meta)
                         woken.add(st.index)
             for s in self._reserved.values():
@@ -227,11 +231,13 @@ class Controller:
     # ---------------------------------------------------------------- indexes
 
     def _make_ready(self, st: StageState, rid: int, meta: RowMeta, front: bool = False) -> None:
-        for d in (
-            st.ready,
-            st.by_step.setdefault(meta.step, OrderedDict()),
-            st.by_version.setdefault(meta.policy_version, OrderedDict()),
-        ):
+        by_step = st.by_step.get(meta.step)  # not setdefault: it would build a dict every call
+        if by_step is None:
+            by_step = st.by_step[meta.step] = OrderedDict()
+        by_version = st.by_version.get(meta.policy_version)
+        if by_version is None:
+            by_version = st.by_version[meta.policy_version] = OrderedDict()
+        for d in (st.ready, by_step, by_version):
             d[rid] = None
             if front:
                 d.move_to_end(rid, last=False)
@@ -266,10 +272,11 @@ class Controller:
     def _free(self, rid: int) -> None:
         """Forget a row; the caller wakes `_space` waiters once it has freed what it frees."""
         meta = self._rows.pop(rid)
-        group = self._groups[meta.group_id]
-        group.remove(rid)
-        if not group:
-            del self._groups[meta.group_id]
+        if meta.group_id >= 0:
+            group = self._groups[meta.group_id]
+            group.remove(rid)
+            if not group:
+                del self._groups[meta.group_id]
         for owner, slot in set(meta.locations.values()):
             self._freed.setdefault(owner, []).append((slot, rid))
 
@@ -493,8 +500,9 @@ class Controller:
             lease = self._pop_lease(lease_id)
             st = self._stage_list[lease.stage]
             stored = len(self._rows)
+            keep = ~(1 << st.index)
             for rid in lease.row_ids:
-                self._rows[rid].leased_mask &= ~(1 << st.index)
+                self._rows[rid].leased_mask &= keep
                 self._consume(st, rid)
             if len(self._rows) < stored:
                 self._space.notify_all()
@@ -618,7 +626,8 @@ class Controller:
                 m = RowMeta(step, gid, ver, tok, ready, consumed)
                 m.locations = {int(c): (int(o), int(s)) for c, o, s in locs}
                 self._rows[int(rid)] = m
-                self._groups.setdefault(gid, []).append(int(rid))
+                if gid >= 0:
+                    self._groups.setdefault(gid, []).append(int(rid))
             for st in self._stage_list:
                 for rid in state["ready_order"][st.name]:
                     self._make_ready(st, rid, self._rows[rid])

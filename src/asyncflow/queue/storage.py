@@ -11,9 +11,11 @@ Two implementations of one small protocol:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import itertools
+import operator
 import os
 from typing import Any, Protocol
 
@@ -123,18 +125,19 @@ class MemoryStorage:
 
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
         for name in columns:
-            _check_write_once(name, [r for r in row_ids if r in self._base[name]])
-        for name, value in columns.items():
+            if not self._base[name].keys().isdisjoint(row_ids):
+                _check_write_once(name, [r for r in row_ids if r in self._base[name]])
+        for name, value in columns.items():  # dict updates from iterators: no Python loop per row
             base, start = self._base[name], self._start[name]
             if self.schema.spec(name).ragged:
                 offsets = value.offsets.tolist()
-                length = self._len[name]
-                for i, rid in enumerate(row_ids):
-                    base[rid], start[rid] = value.values, offsets[i]
-                    length[rid] = offsets[i + 1] - offsets[i]
+                base.update(dict.fromkeys(row_ids, value.values))
+                start.update(zip(row_ids, offsets[:-1], strict=True))
+                lengths = map(operator.sub, offsets[1:], offsets[:-1])
+                self._len[name].update(zip(row_ids, lengths, strict=True))
             else:
-                for i, rid in enumerate(row_ids):
-                    base[rid], start[rid] = value, i
+                base.update(dict.fromkeys(row_ids, value))
+                start.update(zip(row_ids, range(len(row_ids)), strict=True))
         return list(row_ids)
 
     def read(self, column: str, slots: list[int]) -> ColumnValue:
@@ -150,18 +153,27 @@ class MemoryStorage:
                                                torch.tensor(lens, dtype=torch.int64))
             return assemble(spec, [base[s].narrow(0, start[s], n)
                                    for s, n in zip(slots, lens, strict=True)])
-        if slots:
-            b0, i0 = base[slots[0]], start[slots[0]]
-            if all(base[s] is b0 and start[s] == i0 + k for k, s in enumerate(slots)):
-                return b0.narrow(0, i0, len(slots))  # zero-copy: rows were put together
-        return assemble(spec, [base[s][start[s]] for s in slots])
+        if not slots:
+            return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
+        bases, starts = list(map(base.__getitem__, slots)), list(map(start.__getitem__, slots))
+        pieces, pos = [], 0
+        for _, same in itertools.groupby(bases, key=id):  # rows of one put, side by side
+            n = len(list(same))
+            put, idx = bases[pos], starts[pos : pos + n]
+            if idx == list(range(idx[0], idx[0] + n)):
+                pieces.append(put.narrow(0, idx[0], n))  # a view
+            else:
+                pieces.append(put.index_select(0, torch.tensor(idx)))
+            pos += n
+        # Python work per put, not per row; rows put together and read in order: zero-copy
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
+        absent = [None] * len(row_ids)
         for name in columns:
             dicts = (self._base[name], self._start[name], self._len[name])
             for d in dicts if self.schema.spec(name).ragged else dicts[:2]:
-                for rid in row_ids:
-                    d.pop(rid, None)
+                collections.deque(map(d.pop, row_ids, absent), maxlen=0)  # pops at C speed
 
     def free(self, entries: list[tuple[int, int]]) -> None:
         self.discard([rid for _, rid in entries], list(self._base))
