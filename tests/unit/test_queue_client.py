@@ -18,6 +18,7 @@ from asyncflow.queue import (
     connect,
     serve,
 )
+from asyncflow.queue.metadata import Grant
 from asyncflow.queue.server import recv_frame, send_frame
 
 
@@ -406,12 +407,44 @@ def test_stream_leases_several_batches_per_round_trip_and_pulls_them_in_one_tran
 
 def test_a_failed_transfer_of_several_batches_gives_every_lease_back(shm_pair):
     producer, consumer = shm_pair
-    producer.put({"prompt": torch.zeros(8, 4, dtype=torch.int64)})
+    ids = producer.put({"prompt": torch.zeros(8, 4, dtype=torch.int64)})
     producer.storage.close()  # the slab files vanish, as if rank 0 lived on another host
     with pytest.raises(ValueError, match="transport='dist' across hosts"):
         next(consumer.stream("rollout", 2, prefetch=4, timeout_s=1))
     stats = consumer.stats()
     assert stats["ready/rollout"] == 8 and stats["num_leases"] == 0
+    # given back newest first: the oldest rows are still the first ones offered
+    grant, _ = consumer.control.call("get", {"stage": "rollout", "batch_size": 8, "timeout_s": 0,
+                                             "sampler": {"kind": "fifo"}})  # metadata only
+    assert Grant.from_wire(grant).row_ids == ids
+
+
+def test_stopping_a_stream_gives_back_the_prefetchers_leases_before_it_returns():
+    """A stage that stops streaming and then drains the step with `get` must see every row: a
+    batch the prefetch thread was still pulling (here a slowed transfer) goes back first."""
+    import threading
+
+    from asyncflow.queue import StepSampler
+
+    cfg = make_cfg("local", rows_per_step=4)
+    ctl = Controller(cfg)
+    client = connect(cfg, 0, controller=ctl)
+    ids = client.put({"prompt": torch.arange(16).view(4, 4)}, step=0)
+    real_start = client._start
+
+    def slow_start(grants):
+        if threading.current_thread().name.startswith("asyncflow-queue-prefetch"):
+            time.sleep(0.3)
+        return real_start(grants)
+
+    client._start = slow_start
+    for batch in client.stream("rollout", 1, prefetch=2, timeout_s=1, sampler=StepSampler(0)):
+        client.ack(batch)
+        time.sleep(0.1)  # the prefetcher leases the next row and is pulling it when we stop
+        break
+    rest = client.get("rollout", 4, timeout_s=0, sampler=StepSampler(0))
+    assert batch.row_ids == ids[:1] and rest.row_ids == ids[1:]
+    client.close()
 
 
 def test_memory_storage_reads_dense_rows_of_several_puts_in_any_order():

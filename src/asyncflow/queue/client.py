@@ -338,13 +338,15 @@ class QueueClient:
         transfers started, so control round trips and transfers overlap the caller's work. Once
         half of them are consumed it leases the missing ones in one round trip (`get_many`) and
         pulls their rows in one message per owner. The caller acks each batch; leases still ahead
-        when the caller stops iterating are given back."""
+        when the caller stops iterating are given back, newest first so that the queue's order is
+        kept, before the iterator returns, except a `get_many` still waiting in the controller:
+        what it leases is given back when it answers."""
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch}; must be >= 1")
         chunk = max(1, prefetch // 2)
         cond = threading.Condition()
         ahead: collections.deque[Callable[[], Batch] | BaseException] = collections.deque()
-        stopped = [False]
+        stopped, leasing = [False], [False]
 
         def prefetcher() -> None:
             """Prefetch loop: waits until `chunk` batches of room are free in `ahead` (or the
@@ -357,20 +359,24 @@ class QueueClient:
                     if stopped[0]:
                         return
                     count = prefetch - len(ahead)
+                    leasing[0] = True
                 items: list[Callable[[], Batch] | BaseException]
                 try:
                     grants = self._lease(stage, batch_size, count, timeout_s, sampler, min_rows,
                                          columns, min_policy_version)  # fmt: skip
+                    with cond:
+                        leasing[0] = False
                     items = list(self._start(grants))
-                except (ValueError, TimeoutError, OSError, RuntimeError) as e:
+                except Exception as e:  # any error is handed to the consumer, which raises it
                     grants, items = [], [e]
                 with cond:
+                    leasing[0] = False
                     handed = not stopped[0]
                     if handed:
                         ahead.extend(items)
                         cond.notify_all()
                 if not handed:  # the consumer stopped meanwhile: these never reached it
-                    for item in items:
+                    for item in reversed(items):
                         if not isinstance(item, BaseException):
                             self._give_back(item)
                     return
@@ -378,7 +384,8 @@ class QueueClient:
                     return
 
         name = f"asyncflow-queue-prefetch-{stage}"
-        threading.Thread(target=prefetcher, name=name, daemon=True).start()
+        thread = threading.Thread(target=prefetcher, name=name, daemon=True)
+        thread.start()
         try:
             while True:
                 with cond:
@@ -398,7 +405,10 @@ class QueueClient:
                 left = [f for f in ahead if not isinstance(f, BaseException)]
                 ahead.clear()
                 cond.notify_all()
-            for finish in left:
+                waiting_in_controller = leasing[0]
+            if not waiting_in_controller:  # it gives back what it holds (newer) and ends soon
+                thread.join()
+            for finish in reversed(left):  # newest first: the oldest rows end up in front
                 self._give_back(finish)
 
     def _give_back(self, finish: Callable[[], Batch]) -> None:
@@ -447,8 +457,8 @@ class QueueClient:
             for _, pending in started:  # finish what was started: its owner may be sending it
                 with contextlib.suppress(RuntimeError, OSError):
                     pending()
-            for lease_id in leases:  # owner unreachable: give the rows back, then fail
-                self.nack_lease(lease_id)
+            for lease_id in reversed(leases):  # owner unreachable: give the rows back, then fail
+                self.nack_lease(lease_id)  # newest first: the oldest rows end up in front
             raise
 
         num_rows = sum(len(g.row_ids) for g in full)
@@ -464,15 +474,16 @@ class QueueClient:
                     pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]] = {
                         c: [] for c in locations
                     }
-                    try:
-                        for reqs, pending in started:
+                    for reqs, pending in started:  # every transfer ends before any lease goes back
+                        try:
                             for (col, _, positions), v in zip(reqs, pending(), strict=True):
                                 pieces[col].append((positions, v))
-                    except (RuntimeError, OSError) as e:
-                        done["error"] = e
-                        for lease_id in leases:
+                        except (RuntimeError, OSError) as e:
+                            done.setdefault("error", e)
+                    if "error" in done:
+                        for lease_id in reversed(leases):
                             self.nack_lease(lease_id)
-                        raise
+                        raise done["error"]
                     done["columns"] = self._assemble(num_rows, pieces)
                 return done["columns"]
 
