@@ -149,6 +149,10 @@ def test_group_sampler_returns_only_whole_groups():
     with pytest.raises(ValueError, match="group_ids must be >= 0"):  # negative: rows of no group
         ctl.reserve("p", 3, group_ids=[-1, -1, -1])
     assert ctl.state_dict() == before
+    old = {**before, "rows": [[r[0], r[1], -5, *r[3:]] for r in before["rows"]]}  # older format
+    with pytest.raises(ValueError, match="negative group ids"):
+        ctl.load_state_dict(old)
+    assert ctl.state_dict() == before
 
 
 def test_group_range_sampler_waits_for_every_group_and_orders_rows():

@@ -619,6 +619,10 @@ class Controller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace all state; outstanding leases and waiting balanced rounds are forgotten."""
+        ungrouped = [r[0] for r in state["rows"] if r[2] < 0]
+        if self._track_groups and ungrouped:
+            raise ValueError(f"rows {ungrouped[:8]} of this state have negative group ids, which "
+                             f"now mean 'no group'; group_size={self.cfg.group_size} needs groups")  # fmt: skip
         with self._lock:
             self._reset()
             self._next_row_id = int(state["next_row_id"])
