@@ -47,7 +47,7 @@ from asyncflow.queue import (  # noqa: E402
     connect,
     serve,
 )
-from asyncflow.queue.client import RemoteControl  # noqa: E402
+from asyncflow.queue.control import RemoteControl  # noqa: E402
 from asyncflow.queue.metadata import Grant  # noqa: E402
 from asyncflow.queue.schema import Schema  # noqa: E402
 from asyncflow.queue.storage import MemoryStorage  # noqa: E402

@@ -23,21 +23,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from asyncflow.log import get_logger
+from asyncflow.queue.control import ControlPlane, LocalControl, RemoteControl
 from asyncflow.queue.controller import Controller, Grant
 from asyncflow.queue.samplers import FifoSampler, Sampler
 from asyncflow.queue.schema import QueueConfig, Ragged, Schema
-from asyncflow.queue.server import ControllerServer, dispatch, recv_frame, send_frame
+from asyncflow.queue.server import ControllerServer
 from asyncflow.queue.storage import (
     ColumnValue,
     MemoryStorage,
@@ -56,88 +56,6 @@ from asyncflow.queue.transport import (
 )
 
 logger = get_logger(__name__)
-
-
-class ControlPlane(Protocol):
-    """How a client reaches the controller. `call` returns (result, freed (slot, row) pairs)."""
-
-    session: str
-
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]: ...
-
-    def close(self) -> None: ...
-
-
-class LocalControl:
-    """Controller in this process; requests go through the same checked dispatch as the socket."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, controller: Controller, rank: int):
-        self.controller, self.rank = controller, rank
-        self.consumer = f"r{rank}l{next(LocalControl._ids)}"
-        self.session = controller.session
-
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
-        self.controller.check_open()  # the host is shutting down: as a dropped connection
-        result = dispatch(self.controller, self.consumer, self.rank, op, args)
-        return result, self.controller.take_freed(self.rank)
-
-    def close(self) -> None:
-        self.controller.expire_consumer(self.consumer)
-
-
-class RemoteControl:
-    """Controller behind `ControllerServer`. One TCP connection per concurrent caller (a pool), so
-    a stage thread parked in `get` never blocks another thread's `put` on the same rank."""
-
-    def __init__(self, address: tuple[str, int], rank: int, timeout_s: float):
-        self.address, self.rank, self.timeout_s = address, rank, timeout_s
-        self._idle: list[socket.socket] = []
-        self._all: list[socket.socket] = []
-        self._lock = threading.Lock()
-        sock = self._open()
-        self._idle.append(sock)
-
-    def _open(self) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=self.timeout_s)
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        send_frame(sock, {"op": "hello", "rank": self.rank})
-        reply = recv_frame(sock)
-        if reply is None:
-            raise ConnectionError(
-                f"queue controller at {self.address} closed the connection during hello"
-            )
-        self.session = reply["result"]["session"]
-        with self._lock:
-            self._all.append(sock)
-        return sock
-
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
-        with self._lock:
-            sock = self._idle.pop() if self._idle else None
-        if sock is None:
-            sock = self._open()
-        send_frame(sock, {"op": op, "args": args})
-        reply = recv_frame(sock)
-        if reply is None:
-            raise ConnectionError("queue controller closed the connection")
-        with self._lock:
-            self._idle.append(sock)
-        if not reply["ok"]:
-            exc = {"ValueError": ValueError, "TimeoutError": TimeoutError}.get(
-                reply["error"], TypeError
-            )
-            raise exc(reply["message"])
-        return reply["result"], [(int(s), int(r)) for s, r in reply["freed"]]
-
-    def close(self) -> None:
-        with self._lock:
-            for sock in self._all:
-                sock.close()
-            self._all.clear()
-            self._idle.clear()
 
 
 @dataclass
