@@ -458,4 +458,22 @@ def test_memory_storage_reads_dense_rows_of_several_puts_in_any_order():
     rows = torch.cat([a, b])
     for slots in ([0, 1, 2, 3, 4], [1, 2, 3], [4, 3, 2], [0, 3, 1, 4], [2]):
         assert torch.equal(storage.read("prompt", slots), rows[slots]), slots
+        out = torch.full((len(slots), 4), -1)  # what a data plane gathers into its message
+        assert storage.read("prompt", slots, out=out) is out and torch.equal(out, rows[slots])
     assert storage.read("prompt", [1, 2]).data_ptr() == a[1].data_ptr()  # one put: a view
+
+
+def test_shared_memory_storage_reads_rows_into_a_given_tensor():
+    from asyncflow.queue.schema import Schema
+    from asyncflow.queue.storage import SharedMemoryStorage
+
+    storage = SharedMemoryStorage(Schema(make_cfg().columns), "t-out", 0, num_slots=4)
+    try:
+        rows = torch.arange(12).view(3, 4)
+        slots = storage.write([7, 8, 9], {"prompt": rows})
+        for order in ([0, 1, 2], [2, 0]):
+            out = torch.full((len(order), 4), -1)
+            got = storage.read("prompt", [slots[i] for i in order], out=out)
+            assert got is out and torch.equal(out, rows[order])
+    finally:
+        storage.close()

@@ -99,7 +99,10 @@ class Storage(Protocol):
         `as_ragged` checked (the client does both); returns slots."""
         ...
 
-    def read(self, column: str, slots: list[int]) -> ColumnValue: ...
+    def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
+        """The rows at `slots`, in order. For a fixed-shape column, `out` (`[len(slots), *shape]`)
+        receives them and is returned: a data plane gathers straight into its message."""
+        ...
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
         """Undo a `write` whose commit was refused."""
@@ -140,7 +143,7 @@ class MemoryStorage:
                 start.update(zip(row_ids, range(len(row_ids)), strict=True))
         return list(row_ids)
 
-    def read(self, column: str, slots: list[int]) -> ColumnValue:
+    def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
         spec = self.schema.spec(column)
         base, start = self._base[column], self._start[column]
         if spec.ragged:
@@ -154,7 +157,7 @@ class MemoryStorage:
             return assemble(spec, [base[s].narrow(0, start[s], n)
                                    for s, n in zip(slots, lens, strict=True)])
         if not slots:
-            return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
+            return torch.empty((0, *spec.shape), dtype=spec.torch_dtype) if out is None else out
         bases, starts = list(map(base.__getitem__, slots)), list(map(start.__getitem__, slots))
         pieces, pos = [], 0
         for _, same in itertools.groupby(bases, key=id):  # rows of one put, side by side
@@ -166,6 +169,8 @@ class MemoryStorage:
                 pieces.append(put.index_select(0, torch.tensor(idx)))
             pos += n
         # Python work per put, not per row; rows put together and read in order: zero-copy
+        if out is not None:
+            return torch.cat(pieces, out=out)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
@@ -230,12 +235,13 @@ class Slabs:
                 )
         return self.data[column]
 
-    def read(self, column: str, slots: list[int]) -> ColumnValue:
+    def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
         slab = self.map(column)
         spec = self.schema.spec(column)
         idx = torch.tensor(slots, dtype=torch.int64)
         if not spec.ragged:
-            return slab.index_select(0, idx)
+            return slab.index_select(0, idx) if out is None else torch.index_select(slab, 0, idx,
+                                                                                    out=out)
         # vectorised: gather the rows' slots, keep each row's first `length` entries
         lens = self.lengths[column].index_select(0, idx)
         width = int(lens.max()) if len(slots) else 0
@@ -291,8 +297,8 @@ class SharedMemoryStorage:
                 self._cols_of[rid].add(name)
         return slots
 
-    def read(self, column: str, slots: list[int]) -> ColumnValue:
-        return self.slabs.read(column, slots)
+    def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
+        return self.slabs.read(column, slots, out)
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
         for rid in row_ids:

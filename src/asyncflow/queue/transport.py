@@ -109,6 +109,8 @@ class DistTransport:
         self.rank = dist.get_rank()
         self.ranks = dist.get_process_group_ranks(group)
         self._col_names = [c.name for c in schema.columns]
+        self._row_bytes = {c.name: c.row_numel * torch.empty((), dtype=c.torch_dtype).element_size()
+                           for c in schema.columns}  # fmt: skip
         self._tag_lock = threading.Lock()
         self._next_tag = 0
         self._send_buf = torch.empty(0, dtype=torch.uint8)
@@ -152,25 +154,37 @@ class DistTransport:
             self._answer(src, req, reply_tag)
 
     def _answer(self, dst: int, req: Request, tag: int) -> None:
-        parts: list[torch.Tensor] = []
         lengths: list[int] = []
-        for col, slots in req:
-            value = self.storage.read(col, slots)
-            if isinstance(value, Ragged):
+        segments: list[tuple[str, list[int], torch.Tensor | None, int]] = []
+        for col, slots in req:  # ragged values are read now (their size needs the lengths)
+            if self.schema.spec(col).ragged:
+                value = self.storage.read(col, slots)
+                assert isinstance(value, Ragged)
                 lengths.extend(value.lengths.tolist())
-                value = value.values
-            raw = value.contiguous().view(-1).view(torch.uint8)
-            parts.append(raw)
-            pad = _aligned(raw.numel()) - raw.numel()
-            if pad:
-                parts.append(torch.zeros(pad, dtype=torch.uint8))
-        if len(parts) == 1:
-            payload = parts[0]
-        else:  # one message: gather into a send buffer reused across requests (no page faults)
-            total = sum(p.numel() for p in parts)
+                raw = value.values.contiguous().view(-1).view(torch.uint8)
+                segments.append((col, slots, raw, raw.numel()))
+            else:
+                segments.append((col, slots, None, len(slots) * self._row_bytes[col]))
+        if len(segments) == 1:  # one column: sent as read, a view when its rows were put together
+            col, slots, raw, _ = segments[0]
+            if raw is None:
+                raw = self.storage.read(col, slots).contiguous().view(-1).view(torch.uint8)
+            payload = raw
+        else:  # one message: rows gathered straight into a send buffer reused across requests
+            total = sum(_aligned(n) for *_, n in segments)
             if self._send_buf.numel() < total:
                 self._send_buf = torch.empty(total, dtype=torch.uint8)
-            payload = torch.cat(parts, out=self._send_buf[:total])
+            payload, pos = self._send_buf[:total], 0
+            for col, slots, raw, n in segments:
+                seg = payload[pos : pos + n]
+                if raw is not None:
+                    seg.copy_(raw)
+                else:
+                    spec = self.schema.spec(col)
+                    rows = seg.view(spec.torch_dtype).view(len(slots), *spec.shape)
+                    self.storage.read(col, slots, out=rows)
+                payload[pos + n : pos + _aligned(n)].zero_()
+                pos += _aligned(n)
         if lengths:
             lens = torch.tensor(lengths, dtype=torch.int64)
             dist.send(lens, dst=dst, group=self.group, tag=tag)
