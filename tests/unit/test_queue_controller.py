@@ -244,6 +244,16 @@ def test_get_balanced_round_times_out_empty_for_everyone():
         (lambda c: c.commit("p", 0, [99], ["prompt"], [0]), "never reserved"),
         (lambda c: c.reserve("p", 17), "num_rows=17"),
         (lambda c: c.ack(12345), "not held"),
+        # a bad element late in a list: refused before the first row is touched
+        (lambda c: c.commit("p", 0, [0, 1], ["response"], [0, "x"]), "slots must hold integers"),
+        (lambda c: c.commit("p", 0, [0, 1], ["response"], [0, 1], num_tokens=[5, 1.5]),
+         "num_tokens must hold integers"),
+        (lambda c: c.reserve("p", 2, group_ids=[0, 0.5]), "group_ids must hold integers"),
+        (lambda c: c.get("c", "rollout", 4, timeout_s=float("nan")), "finite"),
+        (lambda c: c.get("c", "rollout", 4, timeout_s=float("inf")), "finite"),
+        (lambda c: c.load_state_dict({"rows": []}), "not a queue state"),
+        (lambda c: c.load_state_dict({**c.state_dict(), "ready_order": {"rollout": [7]}}),
+         "not a queue state"),
     ],
 )
 def test_bad_input_refused_and_state_unchanged(call, match):
@@ -291,3 +301,134 @@ def test_get_many_answers_what_is_ready_now_and_ends_a_step_without_another_roun
     assert grants[-1].exhausted  # the step is all taken: the stream learns it in this answer
     with pytest.raises(ValueError, match="count=0"):
         ctl.get_many("c", "rollout", 2, 0)
+
+
+def test_state_dict_with_an_older_reservation_unwritten_never_reuses_a_row_id():
+    """Two producers overlap: A's reservation is still unwritten when B's later rows are stored
+    (row 2) or already freed (row 1). Only A's ids above every written row are handed out again."""
+    ctl = Controller(make_cfg(stages=[StageSpec("a", ["prompt"])]))
+    a = ctl.reserve("A", 1)  # row 0, never written
+    freed = put(ctl, 1, consumer="B")  # row 1
+    ctl.ack(ctl.get("c", "a", 1, timeout_s=0).lease_id)
+    stored = put(ctl, 1, consumer="B")  # row 2
+    late = ctl.reserve("A", 1)  # row 3, never written: after every written row
+    assert (a, freed, stored, late) == ([0], [1], [2], [3])
+    state = ctl.state_dict()
+    new = Controller(make_cfg(stages=[StageSpec("a", ["prompt"])]))
+    new.load_state_dict(state)
+    assert new.reserve("A", 2) == [3, 4]  # a re-run producer gets row 3 again, then new ids
+    assert new.take_freed(0) == [(1, 1)]  # the freed row's entry names no live row
+    assert new.get("c", "a", 8, timeout_s=0).row_ids == stored
+
+
+def test_refused_get_drops_no_stale_row():
+    ctl = Controller(make_cfg())  # rows_per_step=0: a step sampler is refused
+    put(ctl, 2, versions=[1, 1])
+    with pytest.raises(ValueError, match="rows_per_step > 0"):
+        ctl.get("c", "rollout", 4, sampler=StepSampler(0), min_policy_version=5)
+    assert ctl.num_ready("rollout") == 2 and ctl.stats()["num_dropped_stale"] == 0
+
+
+def test_expired_consumer_rows_come_back_in_queue_order():
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 6)
+    ctl.get("dead", "rollout", 2, timeout_s=0)
+    ctl.get("dead", "rollout", 2, timeout_s=0)
+    ctl.expire_consumer("dead")
+    assert ctl.get("c", "rollout", 8, timeout_s=0).row_ids == ids
+
+
+def test_lease_ids_continue_across_load_state_dict():
+    """A late ack of a lease taken before the load must not consume a lease taken after it."""
+    ctl = Controller(make_cfg())
+    put(ctl, 2)
+    old = ctl.get("c1", "rollout", 2, timeout_s=0)
+    ctl.load_state_dict(ctl.state_dict())
+    new = ctl.get("c2", "rollout", 2, timeout_s=0)
+    assert new.row_ids == old.row_ids and new.lease_id != old.lease_id
+    with pytest.raises(ValueError, match="not held"):
+        ctl.ack(old.lease_id)
+    ctl.ack(new.lease_id)
+
+
+def test_get_balanced_refused_call_does_not_advance_its_rank():
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 4)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
+        "c0", "rollout", 0, 2, 2, timeout_s=5)), daemon=True)  # fmt: skip
+    t.start()
+    while not ctl._rounds:  # rank 0 waits in round 0
+        time.sleep(0.001)
+    with pytest.raises(ValueError, match="dp_size=3"):
+        ctl.get_balanced("c1", "rollout", 1, 3, 2, timeout_s=5)
+    out[1] = ctl.get_balanced("c1", "rollout", 1, 2, 2, timeout_s=5)  # joins round 0
+    t.join(5)
+    assert sorted(out[0].row_ids + out[1].row_ids) == ids
+
+
+class _Broken:
+    """A sampler whose `take` fails: the error of the last rank of a round."""
+
+    def check(self, group_size, rows_per_step, batch_size):
+        pass
+
+    def wanted(self, st, min_rows, rows_per_step):
+        return 1
+
+    def available(self, st):
+        return len(st.ready)
+
+    def take(self, st, batch_size, groups):
+        raise RuntimeError("sampler bug")
+
+
+def test_get_balanced_error_of_the_last_rank_answers_the_others_at_once():
+    ctl = Controller(make_cfg())
+    put(ctl, 4)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
+        "c0", "rollout", 0, 2, 2, timeout_s=30, sampler=_Broken())), daemon=True)  # fmt: skip
+    t.start()
+    while not ctl._rounds:
+        time.sleep(0.001)
+    with pytest.raises(RuntimeError, match="sampler bug"):
+        ctl.get_balanced("c1", "rollout", 1, 2, 2, timeout_s=30, sampler=_Broken())
+    t.join(5)
+    assert not t.is_alive() and out[0].row_ids == []
+    assert ctl.num_ready("rollout") == 4 and not ctl._rounds
+
+
+def test_load_state_dict_answers_a_waiting_balanced_round_empty():
+    ctl = Controller(make_cfg())
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
+        "c0", "rollout", 0, 2, 2, timeout_s=30)), daemon=True)  # fmt: skip
+    t.start()
+    while not ctl._rounds:
+        time.sleep(0.001)
+    ctl.load_state_dict(Controller(make_cfg()).state_dict())
+    t.join(5)
+    assert not t.is_alive() and out[0].row_ids == []
+
+
+def test_stale_row_drops_its_whole_group_for_a_group_sampler():
+    """A group of versions [1, 3, 3] read with min_policy_version=2: its fresh rows could never
+    form a whole group again, so the group is dropped whole and its capacity comes back."""
+    cfg = make_cfg(capacity_rows=6, group_size=3, stages=[StageSpec("a", ["prompt"])])
+    ctl = Controller(cfg)
+    put(ctl, 3, group_ids=[0, 0, 0], versions=[1, 3, 3])
+    fresh = put(ctl, 3, group_ids=[1, 1, 1], versions=[3, 3, 3])
+    g = ctl.get("c", "a", 6, timeout_s=0, sampler=GroupSampler(), min_policy_version=2)
+    assert g.row_ids == fresh
+    ctl.ack(g.lease_id)
+    assert ctl.stats()["num_rows"] == 0 and ctl.stats()["num_dropped_stale"] == 3
+    assert len(ctl.reserve("p", 6, group_ids=[2] * 3 + [3] * 3, timeout_s=0)) == 6
+
+
+def test_release_gives_back_the_capacity_of_an_unwritten_reservation():
+    ctl = Controller(make_cfg(capacity_rows=2))
+    ids = ctl.reserve("p", 2)
+    ctl.commit("p", 0, ids[:1], ["prompt"], ids[:1])
+    ctl.release(ids)  # the stored row stays
+    assert ctl.stats()["num_rows"] == 1 and ctl.reserve("p", 1, timeout_s=0) == [2]

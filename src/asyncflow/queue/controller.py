@@ -15,6 +15,8 @@ state; each stage has its own condition variable, so a put wakes only the stages
 
 from __future__ import annotations
 
+import math
+import operator
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from asyncflow.log import get_logger
 from asyncflow.queue.metadata import UNKNOWN_VERSION, Grant, Lease, RowMeta
 from asyncflow.queue.samplers import (
     FifoSampler,
+    GroupRangeSampler,
     GroupSampler,
     Sampler,
     StageState,
@@ -67,6 +70,9 @@ class Controller:
         self.session = uuid.uuid4().hex[:12]
         """Names this queue's shared-memory files; clients learn it when they connect."""
         self.closed = False
+        self._next_lease_id = 0
+        """Never reset (not even by `load_state_dict`): a late ack of an older lease must not
+        consume a newer one."""
         self._reset()
 
     def _reset(self) -> None:
@@ -74,8 +80,10 @@ class Controller:
         self._groups: dict[int, list[int]] = {}
         """group id -> its rows; rows put without group ids (group id < 0) are not indexed."""
         self._next_row_id = 0
+        self._committed_below = 0
+        """1 + the highest row id ever committed: `state_dict` hands out again only the ids of
+        unwritten reservations above it, never an id a stored or freed row had."""
         self._leases: dict[int, Lease] = {}
-        self._next_lease_id = 0
         self._by_consumer: dict[str, set[int]] = {}
         self._reserved: dict[str, set[int]] = {}
         self._freed: dict[int, list[tuple[int, int]]] = {}
@@ -106,6 +114,8 @@ class Controller:
         cap = self.cfg.capacity_rows
         if not 1 <= num_rows <= cap:
             raise ValueError(f"num_rows={num_rows}; must be in [1, capacity_rows={cap}]")
+        if group_ids is not None:
+            group_ids = _ints("group_ids", group_ids)
         if group_ids is None:
             if self.cfg.group_size > 1:
                 raise ValueError(f"group_ids is required when group_size={self.cfg.group_size} > 1")
@@ -134,7 +144,7 @@ class Controller:
                 for rid in ids:
                     rows[rid] = RowMeta(step, -1 - rid)
             else:
-                for rid, gid in zip(ids, map(int, group_ids), strict=True):
+                for rid, gid in zip(ids, group_ids, strict=True):
                     rows[rid] = RowMeta(step, gid)
                     self._groups.setdefault(gid, []).append(rid)
             self._reserved.setdefault(consumer, set()).update(ids)
@@ -169,6 +179,10 @@ class Controller:
         mask = self.schema.mask(columns)
         if not columns:
             raise ValueError("commit needs at least one column")
+        row_ids, slots = _ints("row_ids", row_ids), _ints("slots", slots)
+        policy_versions = None if policy_versions is None else _ints("policy_versions",
+                                                                      policy_versions)
+        num_tokens = None if num_tokens is None else _ints("num_tokens", num_tokens)
         for name, v in (
             ("slots", slots),
             ("policy_versions", policy_versions),
@@ -197,17 +211,18 @@ class Controller:
             woken: set[int] = set()
             rank = int(rank)
             stages = [(st, 1 << st.index, st.needs_mask) for st in self._stage_list]
+            self._committed_below = max(self._committed_below, max(row_ids, default=-1) + 1)
             for i, rid in enumerate(row_ids):
                 meta = self._rows[rid]
-                loc = (rank, int(slots[i]))
+                loc = (rank, slots[i])
                 for c in col_idx:
                     meta.locations[c] = loc
                 old_mask = meta.ready_mask
                 new_mask = meta.ready_mask = old_mask | mask
                 if num_tokens is not None:
-                    meta.num_tokens = int(num_tokens[i])
-                if policy_versions is not None and int(policy_versions[i]) != meta.policy_version:
-                    self._set_version(rid, meta, int(policy_versions[i]))
+                    meta.num_tokens = num_tokens[i]
+                if policy_versions is not None and policy_versions[i] != meta.policy_version:
+                    self._set_version(rid, meta, policy_versions[i])
                 busy = meta.consumed_mask | meta.leased_mask
                 for st, bit, needs in stages:
                     if not busy & bit and new_mask & needs == needs and old_mask & needs != needs:
@@ -217,6 +232,22 @@ class Controller:
                 s.difference_update(row_ids)
             for i in woken:
                 self._stage_list[i].cond.notify_all()
+
+    def release(self, row_ids: list[int]) -> None:
+        """Drop rows reserved by a put that failed before its commit: the capacity they held is
+        free again at once, not only when their producer disconnects. Rows with a stored column
+        are left alone."""
+        row_ids = _ints("row_ids", row_ids)
+        with self._lock:
+            stored = len(self._rows)
+            for rid in row_ids:
+                meta = self._rows.get(rid)
+                if meta is not None and meta.ready_mask == 0:
+                    self._free(rid)
+            for s in self._reserved.values():
+                s.difference_update(row_ids)
+            if len(self._rows) < stored:
+                self._space.notify_all()
 
     def _set_version(self, rid: int, meta: RowMeta, version: int) -> None:
         for st in self._stage_list:
@@ -280,19 +311,30 @@ class Controller:
         for owner, slot in set(meta.locations.values()):
             self._freed.setdefault(owner, []).append((slot, rid))
 
-    def _evict_stale(self, st: StageState, min_policy_version: int | None) -> None:
+    def _evict_stale(self, st: StageState, min_policy_version: int | None,
+                     grouped: bool = False) -> None:  # fmt: skip
         """The one staleness enforcement point: rows older than `min_policy_version` are dropped
-        for this stage (counted in `num_dropped_stale`), oldest version first; O(dropped rows)."""
+        for this stage (counted in `num_dropped_stale`), oldest version first; O(dropped rows).
+        For a sampler of whole groups a group is as stale as its oldest row: it is dropped whole
+        once complete (a fresh rest of a group could never be delivered, nor freed); until then
+        its stale rows are looked at again on every get."""
         if min_policy_version is None:
             return
         stored = len(self._rows)
+        grouped = grouped and self._track_groups
         for v in [v for v in st.by_version if UNKNOWN_VERSION < v < min_policy_version]:
-            for rid in list(st.by_version[v]):
+            for rid in list(st.by_version.get(v, ())):  # a group's drop may have taken some
+                if rid not in st.ready:
+                    continue
                 meta = self._rows[rid]
-                self._unready(st, rid, meta)
-                st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
-                self.num_dropped_stale += 1
-                self._consume(st, rid)
+                if grouped and meta.group_id not in st.complete_groups:
+                    continue
+                for r in list(self._groups[meta.group_id]) if grouped else [rid]:
+                    m = self._rows[r]
+                    self._unready(st, r, m)
+                    st.taken_by_step[m.step] = st.taken_by_step.get(m.step, 0) + 1
+                    self.num_dropped_stale += 1
+                    self._consume(st, r)
         if len(self._rows) < stored:
             self._space.notify_all()
 
@@ -304,15 +346,13 @@ class Controller:
         return self._stages[stage]
 
     def _check_get(self, st: StageState, batch_size: int, min_rows: int, sampler: Sampler,
-                   columns: list[str] | None) -> list[str]:  # fmt: skip
+                   columns: list[str] | None, dp_size: int = 1) -> list[str]:  # fmt: skip
+        """Everything a get can be refused for, checked before it changes anything."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; must be >= 1")
         if not 1 <= min_rows <= batch_size:
             raise ValueError(f"min_rows={min_rows}; must be in [1, batch_size={batch_size}]")
-        if isinstance(sampler, GroupSampler) and batch_size < self.cfg.group_size:
-            raise ValueError(
-                f"batch_size={batch_size} < group_size={self.cfg.group_size}: no whole group fits"
-            )
+        sampler.check(self.cfg.group_size, self.cfg.rows_per_step, batch_size * dp_size)
         needs = [c.name for i, c in enumerate(self.schema.columns) if st.needs_mask >> i & 1]
         if columns is None:
             return needs
@@ -350,10 +390,11 @@ class Controller:
         )  # fmt: skip
 
     def _wait_rows(self, st: StageState, sampler: Sampler, want_rows: int, deadline: float,
-                   min_policy_version: int | None, stop: _Round | None = None) -> bool:  # fmt: skip
+                   min_policy_version: int | None, stop: _Round | None = None,
+                   grouped: bool = False) -> bool:  # fmt: skip
         """Wait until the sampler can answer; False on timeout (or when `stop` got its results)."""
         while True:
-            self._evict_stale(st, min_policy_version)
+            self._evict_stale(st, min_policy_version, grouped)
             want = sampler.wanted(st, want_rows, self.cfg.rows_per_step)
             if want <= 0 or sampler.available(st) >= want:
                 return True
@@ -402,8 +443,10 @@ class Controller:
         columns = self._check_get(st, batch_size, min_rows, sampler, columns)
         deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
         grants: list[Grant] = []
+        grouped = _grouped(sampler)
         with self._lock:
-            if not self._wait_rows(st, sampler, min_rows, deadline, min_policy_version):
+            if not self._wait_rows(st, sampler, min_rows, deadline, min_policy_version,
+                                   grouped=grouped):  # fmt: skip
                 return [Grant.empty()]
             while len(grants) < count:
                 rows = sampler.take(st, batch_size, self._groups)
@@ -413,7 +456,7 @@ class Controller:
                 grants.append(self._lease(st, consumer, rows, columns))
                 if len(grants) == count:
                     break
-                self._evict_stale(st, min_policy_version)
+                self._evict_stale(st, min_policy_version, grouped)
                 want = sampler.wanted(st, min_rows, self.cfg.rows_per_step)
                 if want > 0 and sampler.available(st) < want:
                     break  # the rest would have to wait: a later call waits for it
@@ -439,48 +482,60 @@ class Controller:
         """Collective `get` of the `dp_size` ranks of a data-parallel mesh: the k-th call of every
         rank is answered together, up to `dp_size * batch_size` rows split into parts of equal size
         (+-1) and balanced token sums, so every rank runs the same number of micro-batches. If any
-        rank times out before all arrived, the round answers every rank with an empty batch."""
+        rank times out before all arrived, the round answers every rank with an empty batch. When
+        fewer rows than ranks are left, a rank may get an empty batch that is not `exhausted`
+        while others got rows: every rank calls again (`exhausted` comes to all in one round)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         st = self._stage(stage)
         sampler = sampler or FifoSampler()
-        columns = self._check_get(st, batch_size, min_rows, sampler, columns)
+        columns = self._check_get(st, batch_size, min_rows, sampler, columns, dp_size)
         deadline = _deadline(timeout_s if timeout_s is not None else self.cfg.timeout_s)
         with self._lock:
             seq = self._round_seq.get((stage, dp_rank), 0)
-            self._round_seq[(stage, dp_rank)] = seq + 1
-            rnd = self._rounds.setdefault((stage, seq), _Round(dp_size))
-            if rnd.dp_size != dp_size:
+            rnd = self._rounds.get((stage, seq))
+            if rnd is not None and rnd.dp_size != dp_size:  # refused: this rank stays at `seq`
                 raise ValueError(
                     f"dp_size={dp_size} but other ranks of this round use {rnd.dp_size}"
                 )
+            if rnd is None:
+                rnd = self._rounds[(stage, seq)] = _Round(dp_size)
+            self._round_seq[(stage, dp_rank)] = seq + 1
             rnd.consumers[dp_rank] = consumer
-            if rnd.results is None and len(rnd.consumers) == dp_size:
-                total = dp_size * batch_size
-                ok = self._wait_rows(
-                    st, sampler, dp_size * min_rows, deadline, min_policy_version, rnd
-                )
-                if rnd.results is None:
-                    rows = sampler.take(st, total, self._groups) if ok else []
-                    tokens = [self._rows[r].num_tokens for r in rows]
-                    parts = balance_by_tokens(rows, tokens, dp_size)
-                    rnd.results = {
-                        r: self._lease(st, rnd.consumers[r], p, columns) if p
-                        else Grant.empty(ok and not rows and self._exhausted(st, sampler))
-                        for r, p in enumerate(parts)
-                    }
-                    st.cond.notify_all()
-            while rnd.results is None:
-                left = deadline - time.monotonic()
-                if left <= 0 and len(rnd.consumers) < dp_size:
+            try:
+                if rnd.results is None and len(rnd.consumers) == dp_size:
+                    ok = self._wait_rows(
+                        st, sampler, dp_size * min_rows, deadline, min_policy_version, rnd,
+                        grouped=_grouped(sampler),
+                    )
+                    if rnd.results is None:
+                        rows = sampler.take(st, dp_size * batch_size, self._groups) if ok else []
+                        tokens = [self._rows[r].num_tokens for r in rows]
+                        parts = balance_by_tokens(rows, tokens, dp_size)
+                        # the end only when no rank got rows: the ranks must make the same calls
+                        done = ok and not rows and self._exhausted(st, sampler)
+                        rnd.results = {
+                            r: self._lease(st, rnd.consumers[r], p, columns) if p
+                            else Grant.empty(done) for r, p in enumerate(parts)
+                        }  # fmt: skip
+                        st.cond.notify_all()
+                while rnd.results is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 and len(rnd.consumers) < dp_size:
+                        rnd.results = {r: Grant.empty() for r in range(dp_size)}
+                        st.cond.notify_all()
+                        break
+                    st.cond.wait(max(left, 0.05))
+                    self.check_open()
+            except BaseException:
+                if rnd.results is None:  # the other ranks get an empty batch instead of waiting
                     rnd.results = {r: Grant.empty() for r in range(dp_size)}
                     st.cond.notify_all()
-                    break
-                st.cond.wait(max(left, 0.05))
-                self.check_open()
-            rnd.num_answered += 1
-            if rnd.num_answered == dp_size:
-                del self._rounds[(stage, seq)]
+                raise
+            finally:
+                rnd.num_answered += 1
+                if rnd.num_answered == dp_size:
+                    self._rounds.pop((stage, seq), None)  # gone already after a load_state_dict
             return rnd.results[dp_rank]
 
     # ---------------------------------------------------------------- leases
@@ -526,7 +581,8 @@ class Controller:
         wrote are dropped. Returns the number of leased rows returned."""
         with self._lock:
             n = 0
-            for lease_id in list(self._by_consumer.pop(consumer, ())):
+            # newest first, as a stream gives back: the oldest rows end up in front
+            for lease_id in sorted(self._by_consumer.pop(consumer, ()), reverse=True):
                 lease = self._leases.pop(lease_id)
                 n += len(lease.row_ids)
                 self._return(lease)
@@ -581,14 +637,16 @@ class Controller:
 
     def state_dict(self) -> dict[str, Any]:
         """Metadata as plain lists. Leased rows are saved as not consumed (redelivered after a
-        restore); rows reserved but never written are not saved, and their ids are handed out
-        again after a restore, so a re-run producer gets the row ids it got the first time."""
+        restore). Rows reserved but never written are not saved; the ids of those after the last
+        written row are handed out again after a restore, so a re-run producer gets the row ids
+        it got the first time. An id below a written one is not: another row may have had it."""
         with self._lock:
             rows = []
             next_row_id = self._next_row_id
             for rid, m in self._rows.items():
                 if m.ready_mask == 0:
-                    next_row_id = min(next_row_id, rid)
+                    if rid >= self._committed_below:
+                        next_row_id = min(next_row_id, rid)
                     continue
                 locs = [[c, o, s] for c, (o, s) in m.locations.items()]
                 rows.append([rid, m.step, m.group_id, m.policy_version, m.num_tokens, m.ready_mask,
@@ -607,7 +665,6 @@ class Controller:
                 for r in leased:
                     t[self._rows[r].step] -= 1
                 taken[st.name] = [[k, v] for k, v in t.items()]
-            assert all(r[0] < next_row_id for r in rows), "a reservation is older than a put"
             return {
                 "next_row_id": next_row_id,
                 "rows": rows,
@@ -618,32 +675,70 @@ class Controller:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace all state; outstanding leases and waiting balanced rounds are forgotten."""
-        ungrouped = [r[0] for r in state["rows"] if r[2] < 0]
+        """Replace all state; outstanding leases are forgotten and waiting balanced rounds are
+        answered empty. The state is read whole before anything changes: a malformed one is
+        refused (ValueError) with the queue unchanged."""
+        try:
+            rows: dict[int, RowMeta] = {}
+            for rid, step, gid, ver, tok, ready, consumed, locs in state["rows"]:
+                m = RowMeta(*_ints("row", [step, gid, ver, tok, ready, consumed]))
+                m.locations = {c: (o, s) for c, o, s in (_ints("location", x) for x in locs)}
+                rows[operator.index(rid)] = m
+            orders = {st.name: _ints("ready_order", state["ready_order"][st.name])
+                      for st in self._stage_list}  # fmt: skip
+            taken = {st.name: dict(_ints("taken_by_step", kv)
+                                   for kv in state["taken_by_step"][st.name])
+                     for st in self._stage_list}  # fmt: skip
+            freed = {operator.index(o): [tuple(_ints("freed", e)) for e in es]
+                     for o, es in state["freed"]}  # fmt: skip
+            next_row_id = operator.index(state["next_row_id"])
+            num_dropped_stale = operator.index(state["num_dropped_stale"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a queue state: {type(e).__name__}: {e}") from None
+        unknown = [r for order in orders.values() for r in order if r not in rows]
+        if unknown:
+            raise ValueError(f"not a queue state: ready rows {unknown[:8]} are not stored")
+        ungrouped = [rid for rid, m in rows.items() if m.group_id < 0]
         if self._track_groups and ungrouped:
             raise ValueError(f"rows {ungrouped[:8]} of this state have negative group ids, which "
                              f"now mean 'no group'; group_size={self.cfg.group_size} needs groups")  # fmt: skip
         with self._lock:
+            for rnd in self._rounds.values():
+                if rnd.results is None:
+                    rnd.results = {r: Grant.empty() for r in range(rnd.dp_size)}
             self._reset()
-            self._next_row_id = int(state["next_row_id"])
-            for rid, step, gid, ver, tok, ready, consumed, locs in state["rows"]:
-                m = RowMeta(step, gid, ver, tok, ready, consumed)
-                m.locations = {int(c): (int(o), int(s)) for c, o, s in locs}
-                self._rows[int(rid)] = m
-                if gid >= 0:
-                    self._groups.setdefault(gid, []).append(int(rid))
+            self._next_row_id = self._committed_below = next_row_id
+            self._rows = rows
+            for rid, m in rows.items():
+                if m.group_id >= 0:
+                    self._groups.setdefault(m.group_id, []).append(rid)
             for st in self._stage_list:
-                for rid in state["ready_order"][st.name]:
-                    self._make_ready(st, rid, self._rows[rid])
-                st.taken_by_step = {int(k): int(v) for k, v in state["taken_by_step"][st.name]}
-            self._freed = {int(o): [(int(a), int(b)) for a, b in s] for o, s in state["freed"]}
-            self.num_dropped_stale = int(state["num_dropped_stale"])
+                for rid in orders[st.name]:
+                    self._make_ready(st, rid, rows[rid])
+                st.taken_by_step = taken[st.name]
+            self._freed = freed  # type: ignore[assignment]
+            self.num_dropped_stale = num_dropped_stale
             for st in self._stage_list:
                 st.cond.notify_all()
             self._space.notify_all()
 
 
+def _grouped(sampler: Sampler) -> bool:
+    """The sampler hands out whole groups only."""
+    return isinstance(sampler, GroupSampler | GroupRangeSampler)
+
+
+def _ints(name: str, values: list[Any]) -> list[int]:
+    """`values` as a list of ints; anything else (a float or a string from a JSON peer) is refused
+    before any state changes."""
+    try:
+        return [operator.index(v) for v in values]
+    except TypeError:
+        bad = next(v for v in values if not hasattr(type(v), "__index__"))
+        raise ValueError(f"{name} must hold integers, got {bad!r}") from None
+
+
 def _deadline(timeout_s: float) -> float:
-    if timeout_s < 0:
-        raise ValueError(f"timeout_s={timeout_s}; must be >= 0")
+    if not 0 <= timeout_s < math.inf:  # NaN fails too
+        raise ValueError(f"timeout_s={timeout_s}; must be a finite number of seconds >= 0")
     return time.monotonic() + timeout_s

@@ -39,6 +39,11 @@ class Sampler(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        """Refuse (ValueError) a request this sampler can never answer, before the controller
+        changes anything: `batch_size` is the most rows one call may take."""
+        ...
+
     def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
         """Rows that must be available before answering; 0 = answer now even if empty."""
         ...
@@ -54,6 +59,9 @@ class FifoSampler:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "fifo"}
+
+    def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        pass
 
     def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
         return min_rows
@@ -71,6 +79,11 @@ class GroupSampler:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "group"}
+
+    def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        if batch_size < group_size:
+            raise ValueError(f"batch_size={batch_size} < group_size={group_size}: no whole group "
+                             "fits")  # fmt: skip
 
     def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
         return min_rows
@@ -102,9 +115,11 @@ class StepSampler:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "step", "step": self.step}
 
-    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
+    def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
         if rows_per_step <= 0:
             raise ValueError("StepSampler needs QueueConfig.rows_per_step > 0 (rows in one step)")
+
+    def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
         return min(min_rows, rows_per_step - st.taken_by_step.get(self.step, 0))
 
     def available(self, st: StageState) -> int:
@@ -126,21 +141,22 @@ class GroupRangeSampler:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "groups", "first": self.first, "end": self.end}
 
+    def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        if group_size == 1:
+            raise ValueError("GroupRangeSampler needs QueueConfig.group_size > 1")
+        if (self.end - self.first) * group_size > batch_size:
+            raise ValueError(f"groups [{self.first}, {self.end}) hold "
+                             f"{(self.end - self.first) * group_size} rows > batch_size={batch_size}")
+
     def wanted(self, st: StageState, min_rows: int, rows_per_step: int) -> int:
         return 1  # available() is all or nothing
 
     def available(self, st: StageState) -> int:
-        if st.group_size == 1:
-            raise ValueError("GroupRangeSampler needs QueueConfig.group_size > 1")
         complete = all(g in st.complete_groups for g in range(self.first, self.end))
         return (self.end - self.first) * st.group_size if complete else 0
 
     def take(self, st: StageState, batch_size: int, groups: dict[int, list[int]]) -> list[int]:
-        rows = [r for g in range(self.first, self.end) for r in sorted(groups[g])]
-        if len(rows) > batch_size:
-            raise ValueError(f"groups [{self.first}, {self.end}) hold {len(rows)} rows > "
-                             f"batch_size={batch_size}")
-        return rows
+        return [r for g in range(self.first, self.end) for r in sorted(groups[g])]
 
 
 _SAMPLERS: dict[str, type] = {"fifo": FifoSampler, "group": GroupSampler, "step": StepSampler,
