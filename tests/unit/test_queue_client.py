@@ -4,6 +4,8 @@ socket server, ragged columns, bad input, storage checkpoints."""
 import json
 import os
 import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -196,6 +198,24 @@ def test_bad_put_refused_and_queue_unchanged(shm_pair, columns, match):
     assert producer.stats() == before and producer.storage.num_free_slots == free_before
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rows": [0, 0]}, "duplicates"),
+        # refused by the controller after rows were reserved and written: both undone
+        ({"num_tokens": [5, "x"]}, "num_tokens must hold integers"),
+        ({"policy_versions": [1, None]}, "policy_versions must hold integers"),
+    ],
+)
+def test_bad_put_arguments_refused_and_queue_unchanged(shm_pair, kwargs, match):
+    producer, _ = shm_pair
+    producer.put({"prompt": torch.zeros(1, 4, dtype=torch.int64)})
+    before, free_before = producer.stats(), producer.storage.num_free_slots
+    with pytest.raises(ValueError, match=match):
+        producer.put({"prompt": torch.ones(2, 4, dtype=torch.int64)}, **kwargs)
+    assert producer.stats() == before and producer.storage.num_free_slots == free_before
+
+
 def test_put_to_freed_row_refused_and_storage_rolled_back():
     cfg = make_cfg(stages=[StageSpec("rollout", ["prompt"])])
     server = serve(cfg)
@@ -269,6 +289,59 @@ def test_control_socket_refuses_untyped_requests():
     send_frame(sock, {"op": "__import__", "args": {}})
     assert "unknown op" in recv_frame(sock)["message"]
     sock.close()
+    server.close()
+
+
+def test_control_socket_survives_hostile_frames_and_internal_errors(monkeypatch):
+    cfg = make_cfg()
+    server = serve(cfg)
+    sock = socket.create_connection(server.address, timeout=5)
+    send_frame(sock, [1, 2])  # a first message that is not a hello: that connection is closed
+    assert recv_frame(sock) is None
+    sock.close()
+    client = connect(cfg, 0, address=server.address)
+    client.put({"prompt": torch.zeros(2, 4, dtype=torch.int64)})
+    batch = client.get("rollout", 2, timeout_s=1)
+    sock = socket.create_connection(server.address, timeout=5)
+    send_frame(sock, {"op": "hello", "rank": 0})
+    assert recv_frame(sock)["ok"]
+    body = b'{"op": "get", "args": {"stage": "rollout", "batch_size": 1, "timeout_s": NaN}}'
+    sock.sendall(struct.pack("!I", len(body)) + body)  # json.dumps would never write NaN
+    reply = recv_frame(sock)
+    assert not reply["ok"] and "NaN" in reply["message"]
+    send_frame(sock, {"op": "stats", "args": {}})  # the connection is still served
+    assert recv_frame(sock)["ok"]
+    sock.close()
+
+    def broken():
+        raise KeyError("a controller bug")
+
+    monkeypatch.setattr(server.controller, "stats", broken)
+    with pytest.raises(RuntimeError, match="a controller bug"):
+        client.stats()
+    client.ack(batch)  # the connection stayed up, so its lease is still held
+    client.close()
+    server.close()
+
+
+def test_closing_a_client_wakes_its_thread_waiting_in_get():
+    cfg = make_cfg()
+    server = serve(cfg)
+    client = connect(cfg, 0, address=server.address)
+    errors = []
+
+    def wait():
+        try:
+            client.get("rollout", 1, timeout_s=30)
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    time.sleep(0.2)
+    client.close()
+    t.join(5)
+    assert not t.is_alive() and errors
     server.close()
 
 

@@ -174,20 +174,29 @@ class QueueClient:
             num_rows = n
         if rows is not None and len(rows) != num_rows:
             raise ValueError(f"len(rows)={len(rows)} but the columns have {num_rows} rows")
+        if rows is not None and len(set(rows)) != len(rows):
+            raise ValueError(f"rows contain duplicates: {rows}")
         if num_rows == 0:
             raise ValueError("put of zero rows")
+        timeout = timeout_s if timeout_s is not None else self.cfg.timeout_s
+        reserved = rows is None
         if rows is None:
-            timeout = timeout_s if timeout_s is not None else self.cfg.timeout_s
             rows = self._call(
                 "reserve", num_rows=num_rows, step=step, group_ids=group_ids, timeout_s=timeout
             )
-        slots = self._write(rows, data, timeout_s if timeout_s is not None else self.cfg.timeout_s)
         try:
-            self._call("commit", row_ids=list(rows), columns=list(data), slots=slots,
-                       policy_versions=policy_versions, num_tokens=num_tokens)  # fmt: skip
-        except ValueError:
-            with self._lock:
-                self.storage.discard(list(rows), list(data))
+            slots = self._write(rows, data, timeout)
+            try:
+                self._call("commit", row_ids=list(rows), columns=list(data), slots=slots,
+                           policy_versions=policy_versions, num_tokens=num_tokens)  # fmt: skip
+            except ValueError:
+                with self._lock:
+                    self.storage.discard(list(rows), list(data))
+                raise
+        except BaseException:
+            if reserved:  # the reservation would hold capacity until this client disconnects
+                with contextlib.suppress(OSError, ValueError, RuntimeError):
+                    self._call("release", row_ids=list(rows))
             raise
         return list(rows)
 

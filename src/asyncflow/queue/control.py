@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import threading
@@ -80,15 +81,16 @@ class RemoteControl:
         with self._lock:
             self._idle.append(sock)
         if not reply["ok"]:
-            exc = {"ValueError": ValueError, "TimeoutError": TimeoutError}.get(
-                reply["error"], TypeError
-            )
+            exc = {"ValueError": ValueError, "TimeoutError": TimeoutError,
+                   "TypeError": TypeError}.get(reply["error"], RuntimeError)  # fmt: skip
             raise exc(reply["message"])
         return reply["result"], [(int(s), int(r)) for s, r in reply["freed"]]
 
     def close(self) -> None:
         with self._lock:
             for sock in self._all:
+                with contextlib.suppress(OSError):  # wakes a thread parked in a reply's recv
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
             self._all.clear()
             self._idle.clear()

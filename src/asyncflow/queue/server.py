@@ -57,6 +57,7 @@ _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
     "get": _GET,
     "get_many": {**_GET, "count": (_I,)},
     "get_balanced": {**_GET, "dp_rank": (_I,), "dp_size": (_I,)},
+    "release": {"row_ids": (_L,)},
     "ack": {"lease_id": (_I,)},
     "nack": {"lease_id": (_I,)},
     "take_freed": {},
@@ -91,6 +92,8 @@ def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str,
         return ctl.reserve(consumer, **args)
     if op == "commit":
         return ctl.commit(consumer, rank, **args)
+    if op == "release":
+        return ctl.release(**args)
     if op in ("get", "get_many", "get_balanced"):
         args = dict(args, sampler=sampler_from_dict(args["sampler"]))
         fn: Callable[..., Any] = {"get": ctl.get, "get_many": ctl.get_many,
@@ -126,16 +129,31 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> Any | None:
-    """The next message, or None when the peer closed the connection."""
+def recv_body(sock: socket.socket) -> bytes | None:
+    """The next frame's bytes, or None when the peer closed the connection. An oversize length
+    is a ValueError: the stream cannot be followed past it."""
     head = _recv_exact(sock, _LEN.size)
     if head is None:
         return None
     (n,) = _LEN.unpack(head)
     if n > _MAX_FRAME_BYTES:
         raise ValueError(f"control frame of {n} bytes exceeds {_MAX_FRAME_BYTES}")
-    body = _recv_exact(sock, n)
-    return None if body is None else json.loads(body)
+    return _recv_exact(sock, n)
+
+
+def decode(body: bytes) -> Any:
+    """A frame's JSON; NaN and Infinity are refused (ValueError, as for malformed JSON)."""
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
+def recv_frame(sock: socket.socket) -> Any | None:
+    """The next message, or None when the peer closed the connection."""
+    body = recv_body(sock)
+    return None if body is None else decode(body)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"control frame holds {name}; numbers must be finite")
 
 
 class ControllerServer:
@@ -171,8 +189,16 @@ class ControllerServer:
     def _handle(self, cid: int, conn: socket.socket) -> None:
         """Connection loop: consumes requests from one client, answers each in order; when the
         client disconnects (or dies) its consumer is expired."""
-        first = recv_frame(conn)
-        if first is None or first.get("op") != "hello" or type(first.get("rank")) is not int:
+        try:
+            first = recv_frame(conn)
+        except (OSError, ValueError) as e:  # not a frame of ours (json's errors are ValueErrors)
+            first = e
+        if not isinstance(first, dict) or first.get("op") != "hello" or type(
+            first.get("rank")
+        ) is not int:
+            logger.warning("queue connection %d refused: its first message is not a hello", cid)
+            with self._lock:
+                self._conns.pop(cid, None)
             conn.close()
             return
         rank = first["rank"]
@@ -181,10 +207,12 @@ class ControllerServer:
             send_frame(conn, {"ok": True, "result": dispatch(self.controller, consumer, rank, "hello", {}),
                               "consumer": consumer, "freed": []})  # fmt: skip
             while True:
-                msg = recv_frame(conn)
-                if msg is None:
+                body = recv_body(conn)
+                if body is None:
                     break
+                msg: Any = None
                 try:
+                    msg = decode(body)
                     if not isinstance(msg, dict) or not isinstance(msg.get("args"), dict):
                         raise ValueError("request must be {'op': str, 'args': {...}}")
                     result = dispatch(
@@ -198,8 +226,14 @@ class ControllerServer:
                     reply = {"ok": True, "result": result, "freed": freed}
                 except (ValueError, TypeError, TimeoutError) as e:
                     reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+                except OSError:  # the controller or this connection closed: handled below
+                    raise
+                except Exception as e:  # a bug: answer it, keep the connection and its leases
+                    logger.exception("queue request %r of %s failed", msg.get("op"), consumer)
+                    reply = {"ok": False, "error": "RuntimeError",
+                             "message": f"queue controller: {type(e).__name__}: {e}"}  # fmt: skip
                 send_frame(conn, reply)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # gone, or a frame that cannot be followed
             logger.warning("queue connection %s dropped: %s", consumer, e)
         finally:
             conn.close()

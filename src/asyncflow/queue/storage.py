@@ -271,7 +271,7 @@ class SharedMemoryStorage:
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
         for name in columns:
             _check_write_once(name, [r for r in row_ids if name in self._cols_of.get(r, ())])
-        new = [r for r in row_ids if r not in self._slot_of]
+        new = list(dict.fromkeys(r for r in row_ids if r not in self._slot_of))
         if len(new) > len(self._free_slots):
             raise MemoryError(
                 f"storage full: {len(new)} slots needed, {len(self._free_slots)} free"
