@@ -324,3 +324,67 @@ def _pull_from_each_other(rank: int, world_size: int) -> list[str]:
 
 def test_ranks_pulling_from_each_other_get_their_own_rows():
     assert run_ranks(_pull_from_each_other, 2, timeout_s=40) == {0: [], 1: []}
+
+
+def _failed_read_rank(rank, world_size, cfg, address):
+    """Rank 0 owns the rows and its storage fails one read (a bug's stand-in). Rank 1's pull is
+    never answered: the data group's timeout ends it (gloo then closes that pair). Rank 2 pulls
+    the same rows, given back, from the same serving thread."""
+    from datetime import timedelta
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    client = connect(cfg, rank, address=address, group=group)
+    out = []
+    if rank == 0:
+        read, calls = client.storage.read, []
+
+        def read_once_broken(*args, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyError("storage bug")
+            return read(*args, **kw)
+
+        client.storage.read = read_once_broken
+        client.put({"prompt": torch.full((2, 8), 7)}, num_tokens=[1, 1])
+    dist.barrier()
+    if rank == 1:
+        with pytest.raises(RuntimeError):
+            client.get("rollout", 2, timeout_s=5)
+    dist.barrier()
+    if rank == 2:
+        batch = client.get("rollout", 2, timeout_s=5)
+        out = batch.columns["prompt"][:, 0].tolist()
+        client.ack(batch)
+    dist.barrier()  # no client.close(): it is collective over the data group, whose 0-1 pair
+    return out  # the timeout closed
+
+
+def test_a_failed_request_leaves_the_serving_thread_answering_the_next():
+    cfg = pipeline_cfg("dist", 2)
+    server = serve(cfg)
+    try:
+        assert run_ranks(_failed_read_rank, 3, timeout_s=60, cfg=cfg, address=server.address) == {
+            0: [], 1: [], 2: [7, 7]}  # fmt: skip
+    finally:
+        server.close()
+
+
+def _idle_owner(rank, world_size):
+    from datetime import timedelta
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=1))
+    schema = Schema([ColumnSpec("x", "int64", [4])])
+    storage = MemoryStorage(schema)
+    if rank == 0:
+        storage.write([0, 1], {"x": torch.arange(8).view(2, 4)})
+    plane = DistTransport(schema, storage, group)
+    dist.barrier()
+    time.sleep(1.5)  # nobody pulls for longer than the data group's timeout
+    out = plane.start(0, [("x", [0, 1])])()[0].tolist() if rank == 1 else None
+    dist.barrier()
+    plane.close()
+    return out
+
+
+def test_an_owner_idle_longer_than_the_group_timeout_still_answers():
+    assert run_ranks(_idle_owner, 2, timeout_s=40) == {0: None, 1: [[0, 1, 2, 3], [4, 5, 6, 7]]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Protocol
 
 import torch
@@ -84,6 +85,7 @@ tags on its own, so two ranks pulling from each other use the same tags: replies
 consumer) and bodies (consumer to owner) need disjoint ranges, or gloo pairs a body with a
 receive posted for a reply."""
 _STOP, _CONTIGUOUS, _GENERAL = -1, 0, 1
+_IDLE_WAIT = timedelta(days=365)
 
 
 def _aligned(n: int) -> int:
@@ -132,7 +134,9 @@ class DistTransport:
         while any(w is not None for w in works):
             while works[k] is None:  # a receive that got a STOP is not posted again
                 k = (k + 1) % _POSTED
-            works[k].wait()
+            # no timeout: an idle owner is not an error, and gloo closes every pair of a receive
+            # that times out, which would end this rank's data plane for good
+            works[k].wait(_IDLE_WAIT)
             kind, mask, first, count, reply_tag = heads[k].tolist()
             src = dist.get_global_rank(self.group, works[k]._source_rank())
             # the peer sends one STOP per posted receive: the loop ends when all got theirs
@@ -141,17 +145,21 @@ class DistTransport:
             k = (k + 1) % _POSTED
             if kind == _STOP:
                 continue
-            if kind == _CONTIGUOUS:
-                slots = list(range(first, first + count))
-                req = [(c, slots) for i, c in enumerate(self._col_names) if mask >> i & 1]
-            else:
-                body = torch.empty(count, dtype=torch.int64)
-                dist.recv(body, src=src, group=self.group, tag=reply_tag + _NUM_REPLY_TAGS)
-                req, b, pos = [], body.tolist(), 0
-                while pos < len(b):
-                    req.append((self._col_names[b[pos]], b[pos + 2 : pos + 2 + b[pos + 1]]))
-                    pos += 2 + b[pos + 1]
-            self._answer(src, req, reply_tag)
+            try:
+                if kind == _CONTIGUOUS:
+                    slots = list(range(first, first + count))
+                    req = [(c, slots) for i, c in enumerate(self._col_names) if mask >> i & 1]
+                else:
+                    body = torch.empty(count, dtype=torch.int64)
+                    dist.recv(body, src=src, group=self.group, tag=reply_tag + _NUM_REPLY_TAGS)
+                    req, b, pos = [], body.tolist(), 0
+                    while pos < len(b):
+                        req.append((self._col_names[b[pos]], b[pos + 2 : pos + 2 + b[pos + 1]]))
+                        pos += 2 + b[pos + 1]
+                self._answer(src, req, reply_tag)
+            except Exception:  # a bug or a dead peer: the other ranks' requests are still served
+                logger.exception("queue data plane: a request of rank %d was not answered; it "
+                                 "fails when its process group times out", src)  # fmt: skip
 
     def _answer(self, dst: int, req: Request, tag: int) -> None:
         lengths: list[int] = []
