@@ -387,13 +387,26 @@ def main() -> None:
         write_section(args.write, table, args.repeats, args.prefetch, load_before)
 
 
+def _commit() -> str:
+    """The checkout's commit (with `+changes` when the tree differs from it), for the record."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def write_section(path: Path, table: str, repeats: int, prefetch: int, load: float) -> None:
     header = "## Queue (benchmarks/queue.py)"
     body = (
         f"{header}\n\n"
         f"Command: `python benchmarks/queue.py --repeats {repeats} --prefetch {prefetch} --write "
         f"benchmarks/RESULTS.md`; "
-        f"machine: 2-core CPU dev VM (no GPU); date: {datetime.date.today().isoformat()}; "
+        f"machine: 2-core CPU dev VM (no GPU); date: "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {_commit()}; "
         f"torch {torch.__version__}; 1-minute load average before the run {load:.2f} (the VM is "
         f"shared with other jobs, so figures move with its load). Median [min, max] over {repeats} "
         f"repeats, transports interleaved, after a warm-up pass. "
@@ -420,7 +433,12 @@ def write_section(path: Path, table: str, repeats: int, prefetch: int, load: flo
     if header in text:
         start = text.index(header)
         nxt = text.find("\n## ", start + len(header))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
+        end = nxt + 1 if nxt >= 0 else len(text)
+        # the notes written by hand after the generated "Notes." paragraph (earlier runs) stay
+        notes = text.find("\nNotes. ", start, end)
+        history = text.find("\n\n", notes + 1, end) if notes >= 0 else -1
+        kept = text[history + 2 : end] if history >= 0 else ""
+        text = text[:start] + body + ("\n" + kept if kept.strip() else "") + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + body
     path.write_text(text)
