@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from asyncflow.queue import (
     ColumnSpec,
@@ -251,9 +252,16 @@ def test_get_balanced_round_times_out_empty_for_everyone():
         (lambda c: c.reserve("p", 2, group_ids=[0, 0.5]), "group_ids must hold integers"),
         (lambda c: c.get("c", "rollout", 4, timeout_s=float("nan")), "finite"),
         (lambda c: c.get("c", "rollout", 4, timeout_s=float("inf")), "finite"),
+        (lambda c: c.get("c", "rollout", 4, timeout_s=1e10), "finite"),
+        (lambda c: c.commit("p", 0, [0, 1], ["response"], [0, 1],
+                            num_tokens=[5, torch.tensor(1.5)]), "num_tokens must hold integers"),
         (lambda c: c.load_state_dict({"rows": []}), "not a queue state"),
         (lambda c: c.load_state_dict({**c.state_dict(), "ready_order": {"rollout": [7]}}),
          "not a queue state"),
+        (lambda c: c.load_state_dict({**c.state_dict(), "ready_order": {
+            "rollout": [0, 0], "reward": [], "train": []}}), "a row twice"),
+        (lambda c: c.load_state_dict({**c.state_dict(), "ready_order": {
+            "rollout": [], "reward": [0], "train": []}}), "not ready for it"),
     ],
 )
 def test_bad_input_refused_and_state_unchanged(call, match):
@@ -327,6 +335,16 @@ def test_refused_get_drops_no_stale_row():
     with pytest.raises(ValueError, match="rows_per_step > 0"):
         ctl.get("c", "rollout", 4, sampler=StepSampler(0), min_policy_version=5)
     assert ctl.num_ready("rollout") == 2 and ctl.stats()["num_dropped_stale"] == 0
+
+
+def test_a_state_whose_next_row_id_names_a_stored_row_hands_out_new_ids():
+    """Such states were written before row ids stopped being reused (python -O)."""
+    ctl = Controller(make_cfg())
+    put(ctl, 3)
+    state = {**ctl.state_dict(), "next_row_id": 1}
+    new = Controller(make_cfg())
+    new.load_state_dict(state)
+    assert new.reserve("p", 2) == [3, 4]
 
 
 def test_expired_consumer_rows_come_back_in_queue_order():

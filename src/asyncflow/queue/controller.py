@@ -15,7 +15,6 @@ state; each stage has its own condition variable, so a put wakes only the stages
 
 from __future__ import annotations
 
-import math
 import operator
 import threading
 import time
@@ -365,8 +364,9 @@ class Controller:
         return list(columns)
 
     def _lease(self, st: StageState, consumer: str, rows: list[int], columns: list[str]) -> Grant:
-        for rid in rows:
-            meta = self._rows[rid]
+        metas = [self._rows[r] for r in rows]
+        locations = self._locations(metas, columns)  # first: a failure leaves no lease behind
+        for rid, meta in zip(rows, metas, strict=True):
             self._unready(st, rid, meta)
             meta.leased_mask |= 1 << st.index
             st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
@@ -374,7 +374,13 @@ class Controller:
         self._next_lease_id += 1
         self._leases[lease_id] = Lease(lease_id, st.index, consumer, rows)
         self._by_consumer.setdefault(consumer, set()).add(lease_id)
-        metas = [self._rows[r] for r in rows]
+        return Grant(
+            lease_id, list(rows), [m.step for m in metas], [m.group_id for m in metas],
+            [m.policy_version for m in metas], [m.num_tokens for m in metas], locations,
+        )  # fmt: skip
+
+    def _locations(self, metas: list[RowMeta], columns: list[str]
+                   ) -> dict[str, tuple[list[int], list[int]]]:  # fmt: skip
         locations: dict[str, tuple[list[int], list[int]]] = {}
         last_pairs: list[tuple[int, int]] = []
         for c in columns:
@@ -384,10 +390,7 @@ class Controller:
                 owners, slots = zip(*pairs, strict=True)
                 last, last_pairs = (list(owners), list(slots)), pairs
             locations[c] = last
-        return Grant(
-            lease_id, list(rows), [m.step for m in metas], [m.group_id for m in metas],
-            [m.policy_version for m in metas], [m.num_tokens for m in metas], locations,
-        )  # fmt: skip
+        return locations
 
     def _wait_rows(self, st: StageState, sampler: Sampler, want_rows: int, deadline: float,
                    min_policy_version: int | None, stop: _Round | None = None,
@@ -534,8 +537,9 @@ class Controller:
                 raise
             finally:
                 rnd.num_answered += 1
-                if rnd.num_answered == dp_size:
-                    self._rounds.pop((stage, seq), None)  # gone already after a load_state_dict
+                # after a load_state_dict the key may already name a newer round: not ours
+                if rnd.num_answered == dp_size and self._rounds.get((stage, seq)) is rnd:
+                    del self._rounds[(stage, seq)]
             return rnd.results[dp_rank]
 
     # ---------------------------------------------------------------- leases
@@ -698,6 +702,17 @@ class Controller:
         unknown = [r for order in orders.values() for r in order if r not in rows]
         if unknown:
             raise ValueError(f"not a queue state: ready rows {unknown[:8]} are not stored")
+        for st in self._stage_list:
+            order, needs = orders[st.name], st.needs_mask
+            bad = [r for r in order if rows[r].ready_mask & needs != needs
+                   or rows[r].consumed_mask >> st.index & 1
+                   or any(c not in rows[r].locations for c in range(len(self.schema.columns))
+                          if needs >> c & 1)]  # fmt: skip
+            if bad or len(set(order)) != len(order):
+                raise ValueError(f"not a queue state: stage {st.name!r} lists rows {bad[:8]} "
+                                 "that are not ready for it, or a row twice")  # fmt: skip
+        # a state written before row ids stopped being reused may name a stored id: never again
+        next_row_id = max(next_row_id, max(rows, default=-1) + 1)
         ungrouped = [rid for rid, m in rows.items() if m.group_id < 0]
         if self._track_groups and ungrouped:
             raise ValueError(f"rows {ungrouped[:8]} of this state have negative group ids, which "
@@ -733,12 +748,17 @@ def _ints(name: str, values: list[Any]) -> list[int]:
     before any state changes."""
     try:
         return [operator.index(v) for v in values]
-    except TypeError:
-        bad = next(v for v in values if not hasattr(type(v), "__index__"))
-        raise ValueError(f"{name} must hold integers, got {bad!r}") from None
+    except TypeError:  # also a type whose __index__ refuses (a float or multi-element tensor)
+        for v in values:
+            try:
+                operator.index(v)
+            except TypeError:
+                raise ValueError(f"{name} must hold integers, got {v!r}") from None
+        raise
 
 
 def _deadline(timeout_s: float) -> float:
-    if not 0 <= timeout_s < math.inf:  # NaN fails too
-        raise ValueError(f"timeout_s={timeout_s}; must be a finite number of seconds >= 0")
+    if not 0 <= timeout_s <= threading.TIMEOUT_MAX:  # NaN and inf fail too
+        raise ValueError(f"timeout_s={timeout_s}; must be a finite number of seconds in "
+                         f"[0, {threading.TIMEOUT_MAX:g}]")
     return time.monotonic() + timeout_s
