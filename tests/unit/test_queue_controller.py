@@ -450,3 +450,32 @@ def test_release_gives_back_the_capacity_of_an_unwritten_reservation():
     ctl.commit("p", 0, ids[:1], ["prompt"], ids[:1])
     ctl.release(ids)  # the stored row stays
     assert ctl.stats()["num_rows"] == 1 and ctl.reserve("p", 1, timeout_s=0) == [2]
+
+
+def test_commit_with_ack_lease_consumes_those_rows_in_the_same_step():
+    """A stage putting its output for part of its batch: a checkpoint taken before the batch's
+    ack must not hand those rows to the stage again (their output is already stored)."""
+    ctl = Controller(make_cfg(stages=[StageSpec("rollout", ["prompt"]),
+                                      StageSpec("reward", ["response"])]))  # fmt: skip
+    ids = put(ctl, 4)
+    g = ctl.get("c", "rollout", 4, timeout_s=0)
+    before = ctl.state_dict()
+    with pytest.raises(ValueError, match="not held by lease"):
+        ctl.commit("c", 0, [ids[0], 99], ["response"], [0, 1], ack_lease=g.lease_id)
+    with pytest.raises(ValueError, match="not held"):
+        ctl.commit("c", 0, ids[:2], ["response"], ids[:2], ack_lease=g.lease_id + 1)
+    assert ctl.state_dict() == before
+    ctl.commit("c", 0, ids[:2], ["response"], ids[:2], ack_lease=g.lease_id)
+    state = ctl.state_dict()
+    assert state["ready_order"]["rollout"] == ids[2:]  # only the rows still to do come back
+    assert state["ready_order"]["reward"] == ids[:2]
+    ctl.nack(g.lease_id)  # gives back only the rest
+    assert ctl.get("c", "rollout", 4, timeout_s=0).row_ids == ids[2:]
+    new = Controller(make_cfg(stages=[StageSpec("rollout", ["prompt"]),
+                                      StageSpec("reward", ["response"])]))  # fmt: skip
+    new.load_state_dict(state)
+    assert new.get("c", "rollout", 4, timeout_s=0).row_ids == ids[2:]
+    last = new.get("c", "reward", 4, timeout_s=0)
+    new.commit("c", 0, last.row_ids, ["reward"], last.row_ids, ack_lease=last.lease_id)
+    new.ack(last.lease_id)  # a lease whose rows are all consumed still ends with its ack
+    assert new.stats()["num_leases"] == 1  # the rollout lease taken above

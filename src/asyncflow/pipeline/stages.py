@@ -31,7 +31,7 @@ from asyncflow.log import get_logger
 from asyncflow.models import Tokenizer
 from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.reward_worker import RewardItem, RewardOutcome, RewardWorker
-from asyncflow.queue import GroupSampler, QueueClient, Ragged, StepSampler
+from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
 from asyncflow.tasks import Problem, Task, encode_prompt, split_completion
 
 logger = get_logger(__name__)
@@ -171,7 +171,7 @@ class RolloutStage:
             group_of = dict(zip(batch.row_ids, batch.group_ids, strict=True))
             prompt_len = dict(zip(batch.row_ids, (len(p) for p in prompts), strict=True))
             with self.rec.span(step, self.name, "generate"):
-                self._generate(requests, pending, group_of, prompt_len, counts)
+                self._generate(batch, requests, pending, group_of, prompt_len, counts)
             self.q.ack(batch)
         num_rows, num_tokens, num_errors, num_spanning = counts
         gen_s = time.perf_counter() - t0
@@ -184,7 +184,8 @@ class RolloutStage:
         self.rec.mean(step, "response/length_mean", num_tokens / max(num_rows, 1), num_rows)
         self.rec.stage_done(self.name, step)
 
-    def _generate(self, requests, pending, group_of, prompt_len, counts: list[int]) -> None:
+    def _generate(self, batch: Batch, requests, pending, group_of, prompt_len,
+                  counts: list[int]) -> None:
         """Stream completions; put finished groups onward in chunks of about chunk_rows rows."""
         done: dict[int, list] = {}
         ready: list = []  # rows of finished groups not yet put
@@ -200,12 +201,14 @@ class RolloutStage:
             if pending[g] == 0:
                 ready.extend(done.pop(g))
             if len(ready) >= self.shape.chunk_rows or not any(pending.values()):
-                self._put(ready, prompt_len)
+                self._put(batch, ready, prompt_len)
                 counts[0] += len(ready)
                 counts[1] += sum(len(c.token_ids) for _, c in ready)
                 ready = []
 
-    def _put(self, finished: list, prompt_len: dict[int, int]) -> None:
+    def _put(self, batch: Batch, finished: list, prompt_len: dict[int, int]) -> None:
+        """Put finished groups onward; the lease gives them up in the same step (`ack=`), so a
+        checkpoint taken mid-batch never redelivers a row whose response is stored."""
         rows = [r for r, _ in finished]
         comps = [c for _, c in finished]
         self.q.put({
@@ -213,7 +216,8 @@ class RolloutStage:
             "behaviour_logprobs": [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
             "finished": torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.long),
         }, rows=rows, policy_versions=[c.policy_version_start for c in comps],
-            num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)])
+            num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)],
+            ack=batch)
 
 
 def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
@@ -282,7 +286,7 @@ class RewardStage:
                                       batch.columns["uid"].tolist())
                 rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
                 self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32)},
-                           rows=batch.row_ids)
+                           rows=batch.row_ids, ack=batch)
                 self.q.ack(batch)
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
@@ -330,7 +334,7 @@ class AdvantageStage:
                 dropped_G = ~torch.isfinite(rewards_GN).all(dim=1)
                 adv = torch.empty(len(batch))
                 adv[order] = adv_GN.flatten()
-                self.q.put({"advantage": adv}, rows=batch.row_ids)
+                self.q.put({"advantage": adv}, rows=batch.row_ids, ack=batch)
                 self.q.ack(batch)
             flat_G = ((rewards_GN == rewards_GN[:, :1]).all(dim=1) | dropped_G).tolist()
             for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):

@@ -148,12 +148,18 @@ class QueueClient:
         policy_versions: list[int] | None = None,
         num_tokens: list[int] | None = None,
         timeout_s: float | None = None,
+        ack: Batch | None = None,
     ) -> list[int]:
         """Store columns of new rows (`rows=None`: blocks while the queue is full) or new columns
         of existing rows; visible to stages only once all bytes are stored. Returns the row ids.
-        The queue takes ownership of the tensors: do not modify them afterwards."""
+        The queue takes ownership of the tensors: do not modify them afterwards.
+        `ack`: the batch these rows came in; its stage has consumed them as soon as this output
+        is visible, in one step of the controller, so a checkpoint never holds the output of a
+        row that it would deliver to the stage again. The batch still ends with `ack(batch)`."""
         if not columns:
             raise ValueError("put needs at least one column")
+        if ack is not None and rows is None:
+            raise ValueError("put(ack=batch) needs rows=: the batch's rows this output completes")
         data: dict[str, Any] = {}
         num_rows = None
         for name, value in columns.items():
@@ -188,7 +194,8 @@ class QueueClient:
             slots = self._write(rows, data, timeout)
             try:
                 self._call("commit", row_ids=list(rows), columns=list(data), slots=slots,
-                           policy_versions=policy_versions, num_tokens=num_tokens)  # fmt: skip
+                           policy_versions=policy_versions, num_tokens=num_tokens,
+                           ack_lease=ack.lease_id if ack is not None else None)  # fmt: skip
             except ValueError:
                 with self._lock:
                     self.storage.discard(list(rows), list(data))

@@ -171,9 +171,13 @@ class Controller:
         slots: list[int],
         policy_versions: list[int] | None = None,
         num_tokens: list[int] | None = None,
+        ack_lease: int | None = None,
     ) -> None:
         """Mark `columns` of `row_ids` ready, stored on `rank` at `slots`; wakes the stages whose
-        needs became complete. Validates everything first: a refused commit changes nothing."""
+        needs became complete. Validates everything first: a refused commit changes nothing.
+        `ack_lease`: these rows, all of that lease, are consumed by its stage in the same step
+        (a stage's output and the end of its input are never seen apart, by a checkpoint
+        either); the lease itself stays held, with the rest of its rows, until `ack`."""
         n = len(row_ids)
         mask = self.schema.mask(columns)
         if not columns:
@@ -193,6 +197,15 @@ class Controller:
             raise ValueError(f"row_ids contain duplicates: {row_ids}")
         col_idx = [self.schema.index[c] for c in columns]
         with self._lock:
+            lease = None if ack_lease is None else self._leases.get(ack_lease)
+            if ack_lease is not None:
+                if lease is None:
+                    raise ValueError(f"ack_lease={ack_lease} is not held (already acked, "
+                                     "returned, or its consumer expired)")  # fmt: skip
+                outside = set(row_ids).difference(lease.row_ids)
+                if outside:
+                    raise ValueError(f"rows {sorted(outside)[:8]} are not held by lease "
+                                     f"{ack_lease} (still to consume: {lease.row_ids[:8]})")
             for rid in row_ids:
                 meta = self._rows.get(rid)
                 if meta is None:
@@ -231,6 +244,8 @@ class Controller:
                 s.difference_update(row_ids)
             for i in woken:
                 self._stage_list[i].cond.notify_all()
+            if lease is not None:
+                self._consume_leased(lease, row_ids)
 
     def release(self, row_ids: list[int]) -> None:
         """Drop rows reserved by a put that failed before its commit: the capacity they held is
@@ -557,14 +572,21 @@ class Controller:
         """The lease's rows are consumed by its stage; rows every stage consumed are freed."""
         with self._lock:
             lease = self._pop_lease(lease_id)
-            st = self._stage_list[lease.stage]
-            stored = len(self._rows)
-            keep = ~(1 << st.index)
-            for rid in lease.row_ids:
-                self._rows[rid].leased_mask &= keep
-                self._consume(st, rid)
-            if len(self._rows) < stored:
-                self._space.notify_all()
+            self._consume_leased(lease, lease.row_ids)
+
+    def _consume_leased(self, lease: Lease, row_ids: list[int]) -> None:
+        """`row_ids` of `lease` are consumed by its stage and leave the lease."""
+        st = self._stage_list[lease.stage]
+        stored = len(self._rows)
+        keep = ~(1 << st.index)
+        for rid in row_ids:
+            self._rows[rid].leased_mask &= keep
+            self._consume(st, rid)
+        if row_ids is not lease.row_ids:
+            done = set(row_ids)
+            lease.row_ids = [r for r in lease.row_ids if r not in done]
+        if len(self._rows) < stored:
+            self._space.notify_all()
 
     def nack(self, lease_id: int) -> None:
         """Return the lease's rows to the front of the stage's ready set (redelivered first)."""

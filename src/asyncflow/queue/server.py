@@ -53,6 +53,7 @@ _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
         "slots": (_L,),
         "policy_versions": (_L, _OPT),
         "num_tokens": (_L, _OPT),
+        "ack_lease": (_I, _OPT),
     },  # fmt: skip
     "get": _GET,
     "get_many": {**_GET, "count": (_I,)},
