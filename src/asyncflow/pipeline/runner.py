@@ -152,7 +152,14 @@ def _abort_queue_on_error(client, server):
 
     try:
         yield abort
-    except BaseException:
+    except BaseException as e:
+        # logged before the abort: the stage threads it stops exit the process at once, which
+        # would otherwise often win the race against reporting the error (user and data
+        # mistakes are one line, as train.py prints them; anything else with its traceback)
+        if isinstance(e, ValueError | TypeError):
+            logger.error("this rank failed: %s", e)
+        elif not isinstance(e, StopRequested | KeyboardInterrupt):
+            logger.exception("this rank failed; dropping its queue links")
         abort()
         raise
 
