@@ -11,6 +11,7 @@ from asyncflow.checkpoint import (
     check_fresh_run_dir,
     latest_complete,
     resolve_resume,
+    supersede_newer,
     truncate_jsonl,
     verify,
     write_manifest,
@@ -86,3 +87,19 @@ def test_truncate_jsonl_keeps_the_steps_before_the_resume_point(tmp_path):
     assert truncate_jsonl(f, 4) == 2
     assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [0, 1, 2, 3]
     assert truncate_jsonl(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_checkpoints_past_a_resumed_step_are_set_aside_when_it_saves(tmp_path):
+    """A run resumed from step_4 in its own directory writes step_6: the step_8 of the future it
+    left must not be what resume=auto picks next, nor outrank step_6 when pruning."""
+    root = tmp_path / "checkpoints"
+    for step in (4, 8, 12):
+        _ckpt(root, step)
+    (root / "step_12.superseded").mkdir()  # set aside by an earlier rollback
+    _ckpt(root, 6)
+    moved = supersede_newer(root, 6)
+    assert [p.name for p in moved] == ["step_12.superseded", "step_8.superseded"]
+    assert latest_complete(root) == root / "step_6"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_12.superseded", "step_4", "step_6", "step_8.superseded"]
+    assert supersede_newer(root, 6) == []

@@ -115,6 +115,25 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=step_of, reverse=True)
 
 
+def supersede_newer(root: Path, step: int) -> list[Path]:
+    """Checkpoints past `step` when `step` was just written belong to a future this run left (it
+    resumed from an earlier step, or `resume=auto` skipped them as corrupted): renamed to
+    `step_<n>.superseded`, out of `resume=auto`'s and pruning's way (pruning by step would keep
+    them and delete the new ones), not deleted. Returns the new paths."""
+    moved = []
+    for path in checkpoints(root):
+        if step_of(path) <= step:
+            break
+        target = path.with_name(path.name + ".superseded")
+        if target.exists():  # superseded twice: the older copy goes
+            shutil.rmtree(target)
+        path.rename(target)
+        logger.warning("checkpoint %s is past the resumed run's step %d: renamed to %s", path,
+                       step, target.name)  # fmt: skip
+        moved.append(target)
+    return moved
+
+
 def latest_complete(root: Path) -> Path | None:
     """The newest checkpoint that passes `verify`; corrupted ones are skipped with a warning."""
     for path in checkpoints(root):
@@ -202,6 +221,7 @@ class Checkpointer:
             if final.exists():  # a resumed run passing a step it had saved before
                 shutil.rmtree(final)
             tmp.rename(final)
+            supersede_newer(self.root, version)
             for old in checkpoints(self.root)[self.cfg.keep:]:
                 shutil.rmtree(old)
             logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
