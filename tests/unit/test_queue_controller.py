@@ -477,5 +477,6 @@ def test_commit_with_ack_lease_consumes_those_rows_in_the_same_step():
     assert new.get("c", "rollout", 4, timeout_s=0).row_ids == ids[2:]
     last = new.get("c", "reward", 4, timeout_s=0)
     new.commit("c", 0, last.row_ids, ["reward"], last.row_ids, ack_lease=last.lease_id)
-    new.ack(last.lease_id)  # a lease whose rows are all consumed still ends with its ack
-    assert new.stats()["num_leases"] == 1  # the rollout lease taken above
+    assert new.stats()["num_leases"] == 1  # its last row ended the reward lease; rollout's left
+    with pytest.raises(ValueError, match="not held"):
+        new.ack(last.lease_id)

@@ -208,7 +208,8 @@ class RolloutStage:
 
     def _put(self, batch: Batch, finished: list, prompt_len: dict[int, int]) -> None:
         """Put finished groups onward; the lease gives them up in the same step (`ack=`), so a
-        checkpoint taken mid-batch never redelivers a row whose response is stored."""
+        checkpoint taken mid-batch never redelivers a row whose response is stored. The batch's
+        own `ack` after the last put is then a no-op (it would end rows never put)."""
         rows = [r for r, _ in finished]
         comps = [c for _, c in finished]
         self.q.put({
@@ -286,8 +287,7 @@ class RewardStage:
                                       batch.columns["uid"].tolist())
                 rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
                 self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32)},
-                           rows=batch.row_ids, ack=batch)
-                self.q.ack(batch)
+                           rows=batch.row_ids, ack=batch)  # ends the batch
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
                     self.rec.mean(step, "reward/mean", r)
@@ -334,8 +334,7 @@ class AdvantageStage:
                 dropped_G = ~torch.isfinite(rewards_GN).all(dim=1)
                 adv = torch.empty(len(batch))
                 adv[order] = adv_GN.flatten()
-                self.q.put({"advantage": adv}, rows=batch.row_ids, ack=batch)
-                self.q.ack(batch)
+                self.q.put({"advantage": adv}, rows=batch.row_ids, ack=batch)  # ends the batch
             flat_G = ((rewards_GN == rewards_GN[:, :1]).all(dim=1) | dropped_G).tolist()
             for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):
                 s = batch.steps[order[g * N]]

@@ -131,8 +131,7 @@ class ReferenceStage:
                 packed = pack(_rows(batch.columns["prompt_ids"]),
                               _rows(batch.columns["response_ids"]), self.engine.device)
                 ref = packed.gather_response(self.engine.logprobs(packed, self.t).cpu())
-                self.q.put({"ref_logprobs": ref}, rows=batch.row_ids, ack=batch)
-                self.q.ack(batch)
+                self.q.put({"ref_logprobs": ref}, rows=batch.row_ids, ack=batch)  # ends it
         self.rec.stage_done(self.name, step)
 
 

@@ -71,6 +71,9 @@ class Batch:
     num_tokens: list[int] = field(default_factory=list)
     exhausted: bool = False
     """Empty because a step sampler's step has nothing left for this stage (not a timeout)."""
+    num_done: int = 0
+    """Rows already given up by `put(..., ack=batch)`; with the last one the lease is over
+    (`lease_id` becomes -1, so `ack` and `nack` have nothing left to do)."""
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -155,7 +158,8 @@ class QueueClient:
         The queue takes ownership of the tensors: do not modify them afterwards.
         `ack`: the batch these rows came in; its stage has consumed them as soon as this output
         is visible, in one step of the controller, so a checkpoint never holds the output of a
-        row that it would deliver to the stage again. The batch still ends with `ack(batch)`."""
+        row that it would deliver to the stage again. Once every row of the batch is put this
+        way its lease is over; `ack(batch)` ends it earlier, with the rows not put."""
         if not columns:
             raise ValueError("put needs at least one column")
         if ack is not None and rows is None:
@@ -205,6 +209,10 @@ class QueueClient:
                 with contextlib.suppress(OSError, ValueError, RuntimeError):
                     self._call("release", row_ids=list(rows))
             raise
+        if ack is not None:
+            ack.num_done += len(rows)
+            if ack.num_done == len(ack.row_ids):
+                ack.lease_id = -1  # the controller ended the lease with its last row
         return list(rows)
 
     # ------------------------------------------------------------------ get

@@ -177,7 +177,7 @@ class Controller:
         needs became complete. Validates everything first: a refused commit changes nothing.
         `ack_lease`: these rows, all of that lease, are consumed by its stage in the same step
         (a stage's output and the end of its input are never seen apart, by a checkpoint
-        either); the lease itself stays held, with the rest of its rows, until `ack`."""
+        either); the lease keeps the rest of its rows, and ends with its last row."""
         n = len(row_ids)
         mask = self.schema.mask(columns)
         if not columns:
@@ -246,6 +246,8 @@ class Controller:
                 self._stage_list[i].cond.notify_all()
             if lease is not None:
                 self._consume_leased(lease, row_ids)
+                if not lease.row_ids:
+                    self._pop_lease(lease.lease_id)
 
     def release(self, row_ids: list[int]) -> None:
         """Drop rows reserved by a put that failed before its commit: the capacity they held is

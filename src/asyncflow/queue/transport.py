@@ -111,8 +111,11 @@ class DistTransport:
         self.rank = dist.get_rank()
         self.ranks = dist.get_process_group_ranks(group)
         self._col_names = [c.name for c in schema.columns]
-        self._row_bytes = {c.name: c.row_numel * torch.empty((), dtype=c.torch_dtype).element_size()
-                           for c in schema.columns}  # fmt: skip
+        self._row_bytes = {  # per row along dim 0 of what is sent (ragged: of the values)
+            c.name: torch.empty((), dtype=c.torch_dtype).element_size()
+            * (c.row_numel // c.shape[0] if c.ragged else c.row_numel)
+            for c in schema.columns
+        }
         self._tag_lock = threading.Lock()
         self._next_tag = 0
         self._send_buf = torch.empty(0, dtype=torch.uint8)
@@ -202,15 +205,12 @@ class DistTransport:
         """(rows along dim 0, bytes) of each requested column's segment in the payload."""
         sizes, lpos = [], 0
         for col, slots in requests:
-            spec = self.schema.spec(col)
-            item = torch.empty((), dtype=spec.torch_dtype).element_size()
-            if spec.ragged:
+            if self.schema.spec(col).ragged:
                 num_rows = int(lens_all[lpos : lpos + len(slots)].sum())
                 lpos += len(slots)
-                per_row = item * (spec.row_numel // spec.shape[0])
             else:
-                num_rows, per_row = len(slots), item * spec.row_numel
-            sizes.append((num_rows, num_rows * per_row))
+                num_rows = len(slots)
+            sizes.append((num_rows, num_rows * self._row_bytes[col]))
         return sizes
 
     def start(self, owner: int, requests: Request) -> Pending:
