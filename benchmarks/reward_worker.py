@@ -1,9 +1,8 @@
 """Cost of isolating rewards: worker start-up and per-batch overhead vs calling in-process.
 
-    python -m benchmarks.reward_worker [--rows 256] [--repeats 20]
+    python benchmarks/reward_worker.py [--rows 256] [--repeats 20]
 
-The parent imports torch and runs a few idle threads first, like a rank process does. Run it as a
-module: benchmarks/queue.py would shadow the standard library when run as a script.
+The parent imports torch and runs a few idle threads first, like a rank process does.
 """
 
 from __future__ import annotations

@@ -17,19 +17,16 @@ Each repeat runs the five schedules back to back; ratios are taken within a repe
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULES = {

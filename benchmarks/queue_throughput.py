@@ -12,33 +12,26 @@ controller behind its socket) and one consumer process, 64-row micro-batches.
 - startup: `serve` + `connect` of two clients.
 Each figure is the median of `--repeats` runs with [min, max].
 
-    python benchmarks/queue.py                       # prints a table
-    python benchmarks/queue.py --write benchmarks/RESULTS.md
+    python benchmarks/queue_throughput.py                       # prints a table
+    python benchmarks/queue_throughput.py --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import multiprocessing as mp
 import os
-import sys
-
-# This file is named queue.py (as the issue asks): drop its folder from sys.path so that
-# `import queue` in the standard library (multiprocessing, torch) does not find this script.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import statistics
+import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from asyncflow.queue import (  # noqa: E402
+from asyncflow.queue import (
     ColumnSpec,
     Controller,
     QueueConfig,
@@ -47,11 +40,11 @@ from asyncflow.queue import (  # noqa: E402
     connect,
     serve,
 )
-from asyncflow.queue.control import RemoteControl  # noqa: E402
-from asyncflow.queue.metadata import Grant  # noqa: E402
-from asyncflow.queue.schema import Schema  # noqa: E402
-from asyncflow.queue.storage import MemoryStorage  # noqa: E402
-from asyncflow.queue.transport import DistTransport  # noqa: E402
+from asyncflow.queue.control import RemoteControl
+from asyncflow.queue.metadata import Grant
+from asyncflow.queue.schema import Schema
+from asyncflow.queue.storage import MemoryStorage
+from asyncflow.queue.transport import DistTransport
 
 NUM_ROWS, BATCH = 4096, 64
 ROW_BYTES = 512 * 8 + 1024 * 8 + 1024 * 4
@@ -400,10 +393,10 @@ def _commit() -> str:
 
 
 def write_section(path: Path, table: str, repeats: int, prefetch: int, load: float) -> None:
-    header = "## Queue (benchmarks/queue.py)"
+    header = "## Queue (benchmarks/queue_throughput.py)"
     body = (
         f"{header}\n\n"
-        f"Command: `python benchmarks/queue.py --repeats {repeats} --prefetch {prefetch} --write "
+        f"Command: `python benchmarks/queue_throughput.py --repeats {repeats} --prefetch {prefetch} --write "
         f"benchmarks/RESULTS.md`; "
         f"machine: 2-core CPU dev VM (no GPU); date: "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {_commit()}; "
