@@ -126,8 +126,6 @@ class AlgorithmConfig:
     """Weight of the KL penalty to the reference model; 0 disables the reference stage."""
     kl_kind: str = "k3"
     """KL estimator: k1, k2, k3 (low variance)."""
-    drop_flat_groups: bool = True
-    """Skip training on groups whose rewards are all equal (they carry no gradient)."""
     proximal: bool = False
     """Decoupled objective: clip against the trainer's current (proximal) policy and correct the
     behaviour mismatch with an importance weight (capped by tis_cap when set)."""

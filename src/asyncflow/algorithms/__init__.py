@@ -5,13 +5,19 @@ Nothing here knows about torch.distributed, I/O or config objects beyond its own
 
 from asyncflow.algorithms.advantages import group_advantages
 from asyncflow.algorithms.logprobs import entropy_from_logits, token_logprobs
-from asyncflow.algorithms.losses import kl_penalty, policy_loss, sequence_weights
+from asyncflow.algorithms.losses import (
+    kl_penalty,
+    policy_loss,
+    rows_with_gradient,
+    sequence_weights,
+)
 
 __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "kl_penalty",
     "policy_loss",
+    "rows_with_gradient",
     "sequence_weights",
     "token_logprobs",
 ]

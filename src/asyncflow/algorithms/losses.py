@@ -26,6 +26,17 @@ def sequence_weights(mask_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
     raise ValueError(f"aggregation={aggregation!r}; use 'token-mean' or 'seq-mean'")
 
 
+def rows_with_gradient(advantages_B: torch.Tensor) -> list[int]:
+    """Rows whose `policy_loss` term can have a non-zero gradient (without a KL term).
+
+    A row with advantage exactly 0 contributes -min(r * 0, clip(r) * 0) * w = 0 at every token,
+    whatever its ratio r or importance weight, so its gradient is exactly zero: the train stage
+    skips its forward/backward and still counts it in the step's normaliser, which leaves the
+    step's gradient the same up to float summation order.
+    """
+    return torch.nonzero(advantages_B != 0).flatten().tolist()
+
+
 def kl_penalty(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.
 

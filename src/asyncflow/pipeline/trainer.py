@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from asyncflow.algorithms import policy_loss, sequence_weights
+from asyncflow.algorithms import policy_loss, rows_with_gradient, sequence_weights
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
@@ -198,65 +198,84 @@ class TrainStage:
             # own current policy, so its log-probs are this forward's, detached (no extra pass)
             proximal_logprobs_BT=lp.detach() if self.algo.proximal else None)
 
+    def _record_staleness(self, step: int, batch: Batch) -> None:
+        rec = self.rec
+        for row, v in zip(batch.row_ids, batch.policy_versions, strict=True):
+            stale = self.engine.policy_version - v
+            rec.max(step, "staleness/max", stale)
+            rec.mean(step, "staleness/mean", stale)
+            rec.total(step, f"staleness/count_{stale}", 1)
+            if stale > self.max_staleness:  # the gate makes this impossible: a bug
+                logger.error("row %d has staleness %d > max_staleness %d", row, stale,
+                             self.max_staleness)
+                rec.total(step, "staleness/violations", 1)
+
+    def _micro_batch(self, step: int, batch: Batch, acc: dict[str, float]) -> None:
+        """Forward/backward of one micro-batch's rows that carry gradient; every row counts in the
+        step's normaliser. A rank with nothing to train runs a zero-weight pass (FSDP collectives
+        of every rank stay in step)."""
+        eng = self.engine
+        keep = list(range(len(batch)))
+        if len(batch):
+            self._record_staleness(step, batch)
+            responses = _rows(batch.columns["response_ids"])
+            acc["normaliser"] += (sum(len(r) for r in responses)
+                                  if self.algo.aggregation == "token-mean" else len(batch))
+            if not self.use_kl:
+                keep = rows_with_gradient(batch.columns["advantage"])
+            self.rec.total(step, "train/skipped_rows", len(batch) - len(keep))
+        with self.rec.span(step, self.name, "fwd_bwd"):
+            if not keep:
+                eng.forward_backward(_dummy_batch(eng.device), lambda lp: (lp.sum() * 0.0, {}),
+                                     self.t)
+                return
+            prompts = _rows(batch.columns["prompt_ids"])
+            packed = pack([prompts[i] for i in keep], [responses[i] for i in keep], eng.device)
+            stats = eng.forward_backward(packed, self._loss_fn(packed, batch, keep), self.t)
+        n = packed.num_response_tokens
+        acc["trained_tokens"] += n
+        acc["trained_normaliser"] += n if self.algo.aggregation == "token-mean" else len(keep)
+        for k in LOSS_SUMS + (["loss/kl"] if self.use_kl else []):
+            acc[k] += stats[k]
+
+    def _record_loss(self, step: int, total: dict[str, float], normaliser: float) -> None:
+        """The loss is a mean over every row of the step (skipped rows add exactly 0); the
+        diagnostics (clip fraction, ratio, mismatch, IS weight, KL) are means over the rows that
+        were trained, the only ones whose trainer log-probs were computed."""
+        self.rec.set(step, "loss/mean", total["loss/sum"] / normaliser if normaliser else 0.0)
+        trained = total["trained_normaliser"]
+        for k in LOSS_SUMS[1:] + (["loss/kl"] if self.use_kl else []):
+            self.rec.set(step, k, total[k] / trained if trained else 0.0)
+
     def run_step(self, step: int) -> None:
         t0 = time.perf_counter()
         eng, rec = self.engine, self.rec
-        normaliser = 0.0
-        sums = dict.fromkeys(LOSS_SUMS + (["loss/kl"] if self.use_kl else []), 0.0)
-        trained_tokens = 0
+        keys = ["trained_tokens", "trained_normaliser", *LOSS_SUMS,
+                *(["loss/kl"] if self.use_kl else [])]  # same keys on every rank: all-reduced
+        acc = dict.fromkeys(["normaliser", *keys], 0.0)
         uids: list[int] = []
         for batch in self.drain(step):
-            keep = list(range(len(batch)))
-            if len(batch):
-                for row, v in zip(batch.row_ids, batch.policy_versions, strict=True):
-                    stale = eng.policy_version - v
-                    rec.max(step, "staleness/max", stale)
-                    rec.mean(step, "staleness/mean", stale)
-                    rec.total(step, f"staleness/count_{stale}", 1)
-                    if stale > self.max_staleness:  # the gate makes this impossible: a bug
-                        logger.error("row %d has staleness %d > max_staleness %d", row, stale,
-                                     self.max_staleness)
-                        rec.total(step, "staleness/violations", 1)
-                if self.algo.drop_flat_groups and not self.use_kl:
-                    keep = [i for i, a in enumerate(batch.columns["advantage"].tolist()) if a != 0]
-                rec.total(step, "train/dropped_rows", len(batch) - len(keep))
-            with rec.span(step, self.name, "fwd_bwd"):
-                if keep:
-                    prompts = _rows(batch.columns["prompt_ids"])
-                    responses = _rows(batch.columns["response_ids"])
-                    packed = pack([prompts[i] for i in keep], [responses[i] for i in keep],
-                                  eng.device)
-                    stats = eng.forward_backward(packed, self._loss_fn(packed, batch, keep),
-                                                 self.t)
-                    n = packed.num_response_tokens
-                    trained_tokens += n
-                    normaliser += n if self.algo.aggregation == "token-mean" else len(keep)
-                    for k in sums:  # same keys on every rank: they are all-reduced together
-                        sums[k] += stats[k]
-                else:  # keep the FSDP collectives of every rank in step
-                    eng.forward_backward(_dummy_batch(eng.device),
-                                         lambda lp: (lp.sum() * 0.0, {}), self.t)
+            self._micro_batch(step, batch, acc)
             if len(batch):
                 uids += batch.columns["uid"].tolist()
                 self.q.ack(batch)
         with rec.span(step, self.name, "optim_step"):
-            step_metrics = eng.step(normaliser)
+            step_metrics = eng.step(acc["normaliser"])
         if self.accounting is not None:
             self.accounting.write(json.dumps({"step": step, "uids": uids}) + "\n")
             self.accounting.flush()
-        total = torch.tensor([trained_tokens, *sums.values()], dtype=torch.float64)
-        dist.all_reduce(total, group=self.drain.group)
-        norm = step_metrics["optim/normaliser"]
-        for k, v in zip(sums, total[1:].tolist(), strict=True):
-            rec.set(step, "loss/mean" if k == "loss/sum" else k, v / norm if norm else 0.0)
+        summed = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(summed, group=self.drain.group)
+        total = dict(zip(keys, summed.tolist(), strict=True))
         rec.record(step, step_metrics)
+        self._record_loss(step, total, step_metrics["optim/normaliser"])
         train_s = time.perf_counter() - t0
         if self.before_send is not None:
             with rec.span(step, self.name, "checkpoint"):
                 self.before_send(eng.policy_version)
         self.send_weights(step)
         now = time.perf_counter()
-        rec.record(step, {"train/time_s": train_s, "train/tokens": total[0].item(),
+        rec.record(step, {"train/time_s": train_s, "train/tokens": total["trained_tokens"],
                           "perf/step_time_s": now - self._last_end,
                           "policy_version": eng.policy_version})
         self._last_end = now
