@@ -27,9 +27,12 @@ from asyncflow.models import CausalLM, load_pretrained
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then constant LR, and gradient clipping."""
+    """AdamW with linear warm-up, then a constant or decaying LR, and gradient clipping."""
 
     lr: float = 3e-4
     """Peak learning rate (> 0)."""
@@ -41,6 +44,11 @@ class OptimConfig:
     """AdamW epsilon."""
     warmup_steps: int = 10
     """Optimizer steps of linear warm-up from lr/warmup_steps to lr."""
+    schedule: str = "constant"
+    """After warm-up: `constant`, or `cosine` / `linear` decay to min_lr_ratio * lr at the last
+    step of the run (pipeline.num_steps)."""
+    min_lr_ratio: float = 0.1
+    """Where a decaying schedule ends, as a fraction of lr."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (<= 0 disables clipping)."""
     max_nonfinite_steps: int = 3
@@ -51,6 +59,11 @@ class OptimConfig:
             raise ValueError(f"trainer.optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"trainer.optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"trainer.optim.schedule={self.schedule!r}; use one of "
+                             f"{list(_SCHEDULES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"trainer.optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"trainer.optim.max_nonfinite_steps={self.max_nonfinite_steps} "
                              "must be >= 1")
@@ -74,7 +87,15 @@ class PrecisionConfig:
 
 
 def apply_fsdp(model: CausalLM, mesh: DeviceMesh, precision: PrecisionConfig) -> CausalLM:
-    """fully_shard every block, then the root (embeddings, final norm, LM head)."""
+    """fully_shard every block, then the root (embeddings, final norm, LM head).
+
+    A one-rank mesh in fp32 has nothing to shard, reduce or cast: the model stays a plain module,
+    which computes the same, because FSDP's per-module hooks and DTensor parameters cost ~20% of a
+    train step of the tiny default model there (measured). Mixed precision keeps FSDP (it holds
+    the fp32 master weights).
+    """
+    if mesh.size() == 1 and precision.param_dtype == "float32":
+        return model
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[precision.param_dtype],
                               reduce_dtype=_DTYPES[precision.reduce_dtype])
     for layer in model.model.layers:
@@ -88,15 +109,29 @@ def apply_fsdp(model: CausalLM, mesh: DeviceMesh, precision: PrecisionConfig) ->
     return model
 
 
-def _lr_lambda(warmup_steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up over warmup_steps, then
+    constant or decaying (cosine / linear) to min_lr_ratio at step total_steps - 1."""
+    warm = optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if optim.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total_steps - 1 - warm))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if optim.schedule == "cosine" else 1 - frac
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+    return factor
 
 
 class FSDPTrainEngine:
     """The policy (or a frozen reference) sharded over the train mesh."""
 
     def __init__(self, model_dir: str, mesh: DeviceMesh, optim: OptimConfig | None,
-                 precision: PrecisionConfig | None = None, device: str = "cpu"):
+                 precision: PrecisionConfig | None = None, device: str = "cpu",
+                 total_steps: int = 1):
         self.mesh, self.device = mesh, torch.device(device)
         model = load_pretrained(model_dir, dtype=torch.float32, device=device)
         self.config = model.config
@@ -111,7 +146,7 @@ class FSDPTrainEngine:
                 self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                 eps=optim.eps, weight_decay=optim.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, _lr_lambda(optim.warmup_steps))
+                self.optimizer, lr_factor(optim, total_steps))
             self.max_grad_norm = optim.max_grad_norm
             self.max_nonfinite_steps = optim.max_nonfinite_steps
         else:
