@@ -169,6 +169,33 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny, devi
     assert [x.token_ids for x in d] != [x.token_ids for x in a]
 
 
+def test_repeated_prompts_share_one_prefill_and_sample_as_if_alone(tiny, device):
+    """A GRPO group's n requests share a prompt: the engine prefills it once and copies its keys
+    and values into the group's other slots; every request still samples what it samples alone,
+    with log-probs of a full forward."""
+    p, q = _prompts(2, seed=11, lo=4)
+    prompts = [p] * 4 + [q] * 3 + [p]  # duplicates, interleaved, in one admission
+    reqs = [GenerationRequest(f"r{i}", x, SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                         seed=200 + i, ignore_eos=True))
+            for i, x in enumerate(prompts)]
+    engine = _engine(tiny, device, max_batch_size=8)
+    calls = []
+    prefill = engine._prefill
+    engine._prefill = lambda slots, seqs: calls.append(len(seqs)) or prefill(slots, seqs)
+    together = engine.generate(reqs)
+    assert calls == [2]  # one prefill of the two distinct prompts
+    model = load_pretrained(tiny)
+    for r, c in zip(reqs, together, strict=True):
+        alone = _engine(tiny, device, max_batch_size=1).generate([r])[0]
+        assert c.token_ids == alone.token_ids
+        # copied keys/values are bitwise the prefilled ones; the rows then decode in a batch of
+        # 8 instead of 1, which moved one log-prob by 1.3e-5 on CPU (float summation order)
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        full = _full_logprobs(model, list(r.prompt_ids), c.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(c.logprobs), full, atol=1e-4)
+    assert len({tuple(c.token_ids) for c in together[:4]}) > 1  # the seeds do differ
+
+
 def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny, device):
     prompts = _prompts(6, seed=8)
     engine = _engine(tiny, device, max_batch_size=6)

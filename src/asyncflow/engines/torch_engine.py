@@ -9,7 +9,10 @@
 ```
 
 One thread runs `stream`/`generate`. Each loop iteration ("step") admits waiting requests into
-free slots (one batched prefill per chunk, once `min_admit` slots are free), then runs one decode
+free slots (one batched prefill per chunk, once `min_admit` slots are free; a prompt that several
+requests of the chunk share, as the n samples of a GRPO group do, is prefilled once and its keys
+and values copied to the other slots: ~1.5x faster generation of the tiny default's 256 rows x 6
+tokens on one CPU thread), then runs one decode
 step over slots 0..hi-1 (`decode.decode_logprobs`, compiled with `compile=True`; on CUDA replayed
 from CUDA graphs, with the rows and key length rounded up to a captured bucket) and samples one
 token per slot. A slot freed by a finished request is
@@ -351,6 +354,28 @@ class TorchRolloutEngine:
         last_NE = hidden_NTE[torch.arange(N, device=dev), lens_N - 1]
         return self.model.lm_head(last_NE)
 
+    def _prefill_shared(self, chunk: list[_Seq]) -> torch.Tensor:
+        """Prefill each distinct prompt of `chunk` once and copy its keys/values into the slots of
+        the requests that repeat it (the n samples of a GRPO group share one prompt: one prefill
+        instead of n); last-position logits [N, V] for every request of the chunk."""
+        first: dict[tuple[int, ...], _Seq] = {}
+        for s in chunk:
+            first.setdefault(tuple(s.prompt_ids), s)
+        if len(first) == len(chunk):
+            return self._prefill([s.slot for s in chunk], [s.prompt_ids for s in chunk])
+        uniq = list(first.values())
+        logits_UV = self._prefill([s.slot for s in uniq], [s.prompt_ids for s in uniq])
+        index = {id(s): u for u, s in enumerate(uniq)}
+        src = [first[tuple(s.prompt_ids)] for s in chunk]
+        copies = [(a.slot, s.slot) for a, s in zip(src, chunk, strict=True) if a is not s]
+        src_M = torch.tensor([a for a, _ in copies], device=self.device)
+        dst_M = torch.tensor([b for _, b in copies], device=self.device)
+        P = max(len(s.prompt_ids) for s in chunk)
+        for cache in (*self.cache.k, *self.cache.v):
+            cache[dst_M, :, :P] = cache[src_M, :, :P]
+        rows_N = torch.tensor([index[id(a)] for a in src], device=self.device)
+        return logits_UV[rows_N]
+
     def _chunks(self, items: list, lens: list[int]) -> Iterator[list]:
         """Split items into prefill chunks of at most max_prefill_tokens padded tokens."""
         chunk: list = []
@@ -392,7 +417,7 @@ class TorchRolloutEngine:
         self._sampling = None
         finished = []
         for chunk in self._chunks(new, [len(s.prompt_ids) for s in new]):
-            logits_NV = self._prefill([s.slot for s in chunk], [s.prompt_ids for s in chunk])
+            logits_NV = self._prefill_shared(chunk)
             slots_N = torch.tensor([s.slot for s in chunk], device=self.device)
             logp_NV = torch.log_softmax(logits_NV.float() / self._temp[slots_N, None], dim=-1)
             finished += self._sample_and_record(logp_NV, slots_N)
