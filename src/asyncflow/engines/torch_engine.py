@@ -124,11 +124,9 @@ class _Seq:
 
 
 def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
-    """int64 [len(rows), width] on CPU: each row's ids, then `fill`."""
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+    """int64 [len(rows), width] on CPU: each row's ids, then `fill` (one tensor from one nested
+    list: a copy per row costs more than the rest of a prefill of the tiny model)."""
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def _check_unique(requests: Sequence[GenerationRequest]) -> None:
@@ -518,9 +516,8 @@ class TorchRolloutEngine:
         if not bool(done_B.any()):
             return []
         done_idx = done_B.nonzero().squeeze(1)
-        stopped = stop_B[done_idx].tolist()
-        return [self._finish(self._slots[int(slot)], "stop" if st else "length")
-                for slot, st in zip(slots_B[done_idx].tolist(), stopped, strict=True)]
+        return self._finish_many(slots_B[done_idx].tolist(),
+                                 ["stop" if st else "length" for st in stop_B[done_idx].tolist()])
 
     def _decode(self) -> list[Completion]:
         hi = self._hi
@@ -540,17 +537,28 @@ class TorchRolloutEngine:
         return self._sample_and_record(logp_BV[:hi], slice(0, hi))
 
     def _finish(self, s: _Seq, reason: FinishReason) -> Completion:
-        i = s.slot
-        n = int(self._n_gen[i])
-        start = len(s.prompt_ids)
-        tokens = self._seq[i, start: start + n].tolist()
-        logps = self._out_logp[i, :n].tolist()
-        changes = [(k, v) for k, v in s.version_changes if k < n]
-        version_end = changes[-1][1] if changes else s.version_start
-        self._slots[i] = None
-        self._active[i], self._pos[i], self._n_gen[i] = False, 0, 0
+        return self._finish_many([s.slot], [reason])[0]
+
+    def _finish_many(self, slots: list[int], reasons: list[FinishReason]) -> list[Completion]:
+        """Free `slots` and return their completions; one read of each per-slot tensor for all of
+        them (per-slot reads were a sixth of a generation's time on the tiny model)."""
+        idx = torch.tensor(slots, device=self.device)
+        n_gen = self._n_gen[idx].tolist()
+        width = max(n_gen, default=0)
+        starts = [len(self._slots[i].prompt_ids) for i in slots]  # type: ignore[union-attr]
+        seq = self._seq[idx, : max(starts, default=0) + width].tolist()
+        logp = self._out_logp[idx, :width].tolist()
+        self._active[idx], self._pos[idx], self._n_gen[idx] = False, 0, 0
+        out = []
+        for j, (i, reason, n, start) in enumerate(zip(slots, reasons, n_gen, starts, strict=True)):
+            s = self._slots[i]
+            assert s is not None
+            changes = [(k, v) for k, v in s.version_changes if k < n]
+            version_end = changes[-1][1] if changes else s.version_start
+            self._slots[i] = None
+            out.append(Completion(s.req.request_id, s.prompt_ids, seq[j][start: start + n],
+                                  logp[j][:n], reason, s.version_start, version_end, changes))
         while self._hi > 0 and self._slots[self._hi - 1] is None:
             self._hi -= 1
         self._sampling = None
-        return Completion(s.req.request_id, s.prompt_ids, tokens, logps, reason, s.version_start,
-                          version_end, changes)
+        return out
