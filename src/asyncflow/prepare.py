@@ -1,6 +1,8 @@
 """Prepare (or reuse) the tiny default model and show it answering held-out problems.
 
-    python -m asyncflow.prepare [--size s] [--seed 0] [--cache DIR]
+    python -m asyncflow.prepare [--size xs] [--seed 0] [--cache DIR]
+
+Without --size/--seed it prepares the model the default run uses (`model.tiny` of conf/config.yaml).
 
 The accuracy printed is recomputed from the saved directory, not copied from prep.json.
 """
@@ -8,6 +10,7 @@ The accuracy printed is recomputed from the saved directory, not copied from pre
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -15,13 +18,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread 
 
 import torch  # noqa: E402
 
+from asyncflow.config import load_config  # noqa: E402
 from asyncflow.log import setup_logging  # noqa: E402
 from asyncflow.models import Tokenizer, load_pretrained  # noqa: E402
 from asyncflow.tasks.arithmetic import AdditionTask  # noqa: E402
 from asyncflow.tasks.tiny import (  # noqa: E402
     MARKER,
     TINY_SIZES,
-    TinyModelConfig,
     greedy_completions,
     prepare_tiny_model,
 )
@@ -32,14 +35,17 @@ NUM_SHOWN = 8
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m asyncflow.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="s", choices=sorted(TINY_SIZES),
-                        help="model size (default s)")
-    parser.add_argument("--seed", type=int, default=0, help="weight-init seed (default 0)")
+    parser.add_argument("--size", default=None, choices=sorted(TINY_SIZES),
+                        help="model size (default: the default run's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="weight-init seed (default: the default run's)")
     parser.add_argument("--cache", default=None,
                         help="cache folder (default $ASYNCFLOW_CACHE or <repo>/.cache)")
     args = parser.parse_args(argv)
     setup_logging()
-    cfg = TinyModelConfig(size=args.size, seed=args.seed)
+    cfg = load_config([]).model.tiny
+    cfg = dataclasses.replace(cfg, size=args.size or cfg.size,
+                              seed=cfg.seed if args.seed is None else args.seed)
     torch.set_num_threads(cfg.num_threads)
     path = prepare_tiny_model(cfg, args.cache)
 

@@ -14,7 +14,8 @@ def _metrics(path):
 
 def test_eta0_streaming_equals_sequential_bit_for_bit(tmp_path):
     common = [f"run.root={tmp_path}", "pipeline.num_steps=6", "pipeline.eval_every=3",
-              "pipeline.prompts_per_step=16", "pipeline.eval_size=128", "run.seed=3"]
+              "pipeline.prompts_per_step=16", "pipeline.eval_size=128", "run.seed=3",
+              "pipeline.max_staleness=0"]
     for name, streaming in (("stream", "true"), ("seq", "false")):
         out = torchrun(2, common + [f"run.name={name}", f"pipeline.streaming={streaming}"],
                        timeout_s=300)
@@ -28,6 +29,8 @@ def test_eta0_streaming_equals_sequential_bit_for_bit(tmp_path):
                 assert a[key] == b.get(key), (a["step"], key, a[key], b.get(key))
                 compared += 1
     assert compared > 100  # losses, grad norms, rewards, evals: exact float equality
+    for x in stream[:-1]:  # on-policy rows: the engine's and the trainer's log-probs agree
+        assert x["staleness/max"] == 0 and x["loss/mismatch_kl"] < 1e-6, x["step"]
 
 
 def test_eta1_bounds_staleness_and_weights_land_mid_generation(tmp_path):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from .conftest import REPO, torchrun
 
 SMALL = ["pipeline.prompts_per_step=8", "pipeline.eval_every=4", "pipeline.eval_size=64"]
+SYNC = "pipeline.max_staleness=0"  # the default is 1; bit-exact resume is promised at eta = 0
 # timing-dependent metrics; everything else must be equal bit for bit
 TIMING = ("time/", "perf/", "idle/", "weights/", "rollout/gen_time_s", "rollout/gate_wait_s",
           "train/time_s")
@@ -48,7 +49,7 @@ def _ok(out):
 
 @pytest.mark.parametrize("placement", [[], ["placement=colocated"]], ids=["split", "colocated"])
 def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path, placement):
-    base = ["pipeline.num_steps=8", "checkpoint.every=4", f"run.root={tmp_path}", *SMALL,
+    base = ["pipeline.num_steps=8", "checkpoint.every=4", f"run.root={tmp_path}", *SMALL, SYNC,
             *placement]
     _ok(torchrun(2, [*base, "run.name=full"], timeout_s=300))
     ckpt = tmp_path / "full" / "checkpoints" / "step_4"
@@ -83,7 +84,7 @@ def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path, pla
 def test_resume_with_two_rollout_and_two_train_ranks_and_kl_is_bitwise_too(tmp_path):
     # DCP shards over 2 train ranks, the reference stage resumes, rows split across 2 engines
     base = ["placement=split_2x2", "algorithm.kl_coef=0.01", "pipeline.num_steps=6",
-            "checkpoint.every=3", f"run.root={tmp_path}", *SMALL]
+            "checkpoint.every=3", f"run.root={tmp_path}", *SMALL, SYNC]
     _ok(torchrun(4, [*base, "run.name=full"], timeout_s=300))
     ckpt = tmp_path / "full" / "checkpoints" / "step_3"
     assert len(list((ckpt / "train").glob("*.distcp"))) == 2

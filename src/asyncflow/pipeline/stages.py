@@ -21,7 +21,7 @@ import itertools
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -110,13 +110,15 @@ class PromptStage:
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
         # encoded once per problem: the N rows of a group share the tensor (rows are read-only)
-        encoded = [torch.tensor(encode_prompt(self.tok, p.prompt), dtype=torch.long)
-                   for p in problems]
-        prompt_ids = [t for t in encoded for _ in range(N)]
+        encoded = [encode_prompt(self.tok, p.prompt) for p in problems]
+        rows = [ids for ids in encoded for _ in range(N)]  # the N rows of a group: one prompt
+        lengths = [len(ids) for ids in rows]
+        prompt_ids = Ragged.from_lengths(torch.tensor([t for ids in rows for t in ids],
+                                                      dtype=torch.long), torch.tensor(lengths))
         uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
         group_ids = [g for g in groups for _ in range(N)]
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
-                   num_tokens=[len(t) for t in prompt_ids],
+                   num_tokens=lengths,
                    timeout_s=self.shape.timeout_s * 10)
 
 
@@ -162,8 +164,8 @@ class RolloutStage:
                                 ["prompt_ids"]):
             prompts = _id_lists(batch.columns["prompt_ids"])
             requests = [
-                GenerationRequest(str(row), prompt, SamplingParams(
-                    **{**self.sampling.__dict__, "seed": self.seed * 1_000_003 + row}))
+                GenerationRequest(str(row), prompt, replace(self.sampling,
+                                                            seed=self.seed * 1_000_003 + row))
                 for row, prompt in zip(batch.row_ids, prompts, strict=True)]
             pending = {}  # group id -> rows of this batch still generating
             for g in batch.group_ids:
@@ -212,9 +214,12 @@ class RolloutStage:
         own `ack` after the last put is then a no-op (it would end rows never put)."""
         rows = [r for r, _ in finished]
         comps = [c for _, c in finished]
-        self.q.put({
-            "response_ids": [torch.tensor(c.token_ids, dtype=torch.long) for c in comps],
-            "behaviour_logprobs": [torch.tensor(c.logprobs, dtype=torch.float32) for c in comps],
+        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.long)
+        self.q.put({  # one tensor per column, not one per row
+            "response_ids": Ragged.from_lengths(torch.tensor(
+                [t for c in comps for t in c.token_ids], dtype=torch.long), lengths),
+            "behaviour_logprobs": Ragged.from_lengths(torch.tensor(
+                [x for c in comps for x in c.logprobs], dtype=torch.float32), lengths),
             "finished": torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.long),
         }, rows=rows, policy_versions=[c.policy_version_start for c in comps],
             num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)],

