@@ -52,6 +52,10 @@ class RunConfig:
     def __post_init__(self):
         if self.timeout_s <= 0:
             raise ValueError(f"run.timeout_s={self.timeout_s} must be > 0")
+        if self.name is not None and (self.name in ("", ".", "..") or "/" in self.name
+                                      or "\\" in self.name):
+            raise ValueError(f"run.name={self.name!r} must be one directory name under run.root "
+                             "(no '/', not '.' or '..'); use run.root to choose where runs go")
 
 
 @dataclass
@@ -88,6 +92,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature={self.temperature} must be > 0 for RL sampling")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]; 1 disables it")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k={self.top_k} must be >= 0; 0 disables it")
 
 
 @dataclass
@@ -258,11 +266,46 @@ def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
             composed = compose(config_name, overrides=overrides)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_unknown_key(e, overrides) or _one_line(e)) from None
     except ValueError as e:  # a __post_init__ check
         raise ConfigError(str(e)) from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _unknown_key(e: BaseException, overrides: list[str]) -> str | None:
+    """For an override of a key the schema lacks: the key and the closest valid ones."""
+    import difflib
+    import re
+
+    m = re.search(r"Could not override '([^']+)'", str(e)) or re.search(
+        r"Key '([^']+)' (?:is )?not in", str(e))
+    if m is None:
+        return None
+    bad = m.group(1)
+    bad = next((o.split("=", 1)[0].lstrip("+~") for o in overrides
+                if o.split("=", 1)[0].lstrip("+~").endswith(bad)), bad)
+    keys = _leaf_keys(Config)
+    close = difflib.get_close_matches(bad, keys, n=3, cutoff=0.6)
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == bad.rsplit(".", 1)[-1] and k not in close]
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+    return f"{bad} is not a config key{hint}"
+
+
+def _leaf_keys(cls, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field of a config dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        t = hints.get(f.name)
+        if dataclasses.is_dataclass(t):
+            out += _leaf_keys(t, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
 
 
 def _one_line(e: BaseException | None) -> str:
@@ -278,7 +321,7 @@ def _one_line(e: BaseException | None) -> str:
                     and line not in parts:
                 parts.append(line)
         e = e.__cause__
-    text = " ".join(parts)
+    text = " ".join(parts).split(" Config search path:")[0]  # Hydra's search path: noise here
     return text if key is None or key in text else f"{key}: {text}"
 
 

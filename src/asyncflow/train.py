@@ -6,11 +6,13 @@ line on stderr naming the field, and exit code 2, before any work starts.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from asyncflow.checkpoint import check_fresh_run_dir
 from asyncflow.config import ConfigError, load_config, starts_fresh
+from asyncflow.launch.preflight import report_user_error
 from asyncflow.log import setup_logging
 
 
@@ -19,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
-        print(f"asyncflow: config error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(f"asyncflow: config error: {e}")
     from asyncflow.pipeline.runner import StopRequested, run
 
     try:
@@ -28,11 +29,19 @@ def main(argv: list[str] | None = None) -> int:
             check_fresh_run_dir(Path(cfg.run.root) / cfg.run.name, cfg.run.overwrite)
         run(cfg)
     except (ValueError, TypeError) as e:  # user or data mistakes found while building the run
-        print(f"asyncflow: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(f"asyncflow: error: {e}")
     except StopRequested:  # SIGTERM/SIGINT: checkpointed at a step boundary
         return 143
     return 0
+
+
+def _user_error(line: str) -> int:
+    """One line, exit 2: to the launcher when there is one (it prints it once for all ranks),
+    else to stderr."""
+    line = " ".join(line.split())  # one line, whatever the message held
+    if not report_user_error(int(os.environ.get("RANK", 0)), line):
+        print(line, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .conftest import REPO, torchrun
     ("trainer.optim.lr=0", "trainer.optim.lr=0.0 must be > 0"),
     ("trainer.optim.lr=fast", "trainer.optim.lr=fast"),
     ("pipeline.prompts_per_step=0", "pipeline.prompts_per_step=0 must be >= 1"),
-    ("no_such_key=1", "Key 'no_such_key' not in 'Config'"),
+    ("no_such_key=1", "no_such_key is not a config key"),
     ("placement=nowhere", "Could not find 'placement/nowhere'"),
     ("algorithm.aggregation=mean", "algorithm.aggregation='mean'"),
     ("trainer.micro_batch_size=60", "micro_batch_size=60 must be a multiple of"),
@@ -22,6 +22,10 @@ from .conftest import REPO, torchrun
     ("model.path=/no/such/model", "model.path='/no/such/model' does not exist"),
     ("checkpoint.every=-1", "checkpoint.every=-1 must be >= 0"),
     ("trainer.optim.max_nonfinite_steps=0", "max_nonfinite_steps=0 must be >= 1"),
+    ("rollout.top_p=1.5", "rollout.top_p=1.5 must be in (0, 1]"),
+    ("rollout.top_k=-1", "rollout.top_k=-1 must be >= 0"),
+    ("run.name=../../x", "run.name='../../x' must be one directory name under run.root"),
+    ("run.name=a/b", "run.name='a/b' must be one directory name under run.root"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, message):
     _assert_one_line_and_exit_2([override], message)

@@ -38,8 +38,17 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{directory}: no model.safetensors or {INDEX_NAME}")
-    with safe_open(single, "pt") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
+
+
+def _open(path: Path):
+    """safe_open, with a truncated or corrupted file reported as one line naming it."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # safetensors raises its own (Rust) error type
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _expected(model: CausalLM) -> dict[str, torch.Size]:
@@ -49,7 +58,25 @@ def _expected(model: CausalLM) -> dict[str, torch.Size]:
 
 def load_state_into(model: CausalLM, directory: str | Path) -> None:
     """Copy the checkpoint's tensors into `model` (already materialised), casting dtypes."""
-    directory = Path(directory)
+    params = model.state_dict(keep_vars=True)
+    for path, names in _matching_files(model, Path(directory)).items():
+        with _open(path) as f:
+            for name in names:
+                with torch.no_grad():
+                    params[name].copy_(f.get_tensor(name))
+
+
+def check_pretrained(path: str | Path) -> None:
+    """What `load_pretrained` would refuse, found without reading a tensor: a missing directory,
+    a bad config.json, unreadable safetensors headers, missing or misshapen tensors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory does not exist")
+    _matching_files(build_model(ModelConfig.from_file(path), device="meta"), path)
+
+
+def _matching_files(model: CausalLM, directory: Path) -> dict[Path, list[str]]:
+    """The files holding `model`'s tensors and their names, after checking names and shapes."""
     files = _weight_files(directory)
     expected = _expected(model)
     tied = model.config.tie_word_embeddings
@@ -66,9 +93,8 @@ def load_state_into(model: CausalLM, directory: str | Path) -> None:
     for name, path in files.items():
         if name in expected:
             by_file.setdefault(path, []).append(name)
-    params = model.state_dict(keep_vars=True)
     for path, names in by_file.items():
-        with safe_open(path, "pt") as f:
+        with _open(path) as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[name]):
@@ -76,9 +102,7 @@ def load_state_into(model: CausalLM, directory: str | Path) -> None:
                         f"{path.name}: tensor {name} has shape {list(shape)} but config.json "
                         f"implies {list(expected[name])}"
                     )
-            for name in names:
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
+    return by_file
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = torch.float32,
