@@ -127,7 +127,7 @@ def _serve(conn: Connection, task: Task, progress) -> None:
     while True:
         try:
             seq, items = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the parent closed its end, or exited first
             return
         done: list[tuple[float | None, str | None]] = []
         flushed = time.monotonic()

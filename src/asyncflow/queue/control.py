@@ -74,8 +74,11 @@ class RemoteControl:
             sock = self._idle.pop() if self._idle else None
         if sock is None:
             sock = self._open()
-        send_frame(sock, {"op": op, "args": args})
-        reply = recv_frame(sock)
+        try:
+            send_frame(sock, {"op": op, "args": args})
+            reply = recv_frame(sock)
+        except (ConnectionResetError, BrokenPipeError):  # its host died mid-call
+            reply = None
         if reply is None:
             raise ConnectionError("queue controller closed the connection")
         with self._lock:
