@@ -22,9 +22,29 @@ def _ckpt(root, step, payload=b"weights" * 100):
     d = root / f"step_{step}"
     (d / "train").mkdir(parents=True)
     (d / "train" / "__0_0.distcp").write_bytes(payload)
+    (d / "train" / ".metadata").write_bytes(b"dcp metadata")
+    (d / "queue.pt").write_bytes(b"queue")
+    (d / "rng_train0.pt").write_bytes(b"rng")
     (d / "meta.json").write_text(json.dumps({"step": step}))
     write_manifest(d)
     return d
+
+
+def test_a_manifest_must_list_every_file_of_the_checkpoint(tmp_path):
+    d = _ckpt(tmp_path, 3)
+    (d / "manifest.json").write_text(json.dumps({"files": {}}))  # vouches for nothing
+    with pytest.raises(CheckpointCorrupt, match="does not list meta.json"):
+        verify(d)
+    d = _ckpt(tmp_path, 4)
+    files = json.loads((d / "manifest.json").read_text())["files"]
+    del files["train/__0_0.distcp"]  # a shard the manifest does not vouch for
+    (d / "manifest.json").write_text(json.dumps({"files": files}))
+    with pytest.raises(CheckpointCorrupt, match="does not list train/"):
+        verify(d)
+    d = _ckpt(tmp_path, 5)
+    (d / "train" / "__1_0.distcp").write_bytes(b"stray")  # on disk, not in the manifest
+    with pytest.raises(CheckpointCorrupt, match="does not list train/__1_0.distcp"):
+        verify(d)
 
 
 def test_verify_names_the_truncated_or_corrupted_file(tmp_path):
@@ -70,6 +90,14 @@ def test_resume_choices(tmp_path):
     (d / "meta.json").write_text("changed")
     with pytest.raises(CheckpointCorrupt):
         resolve_resume(str(d), run)  # an explicit path is not silently replaced
+
+
+def test_resume_auto_refuses_to_start_over_when_every_checkpoint_is_corrupted(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (_ckpt(run / "checkpoints", step) / "queue.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointCorrupt, match="every checkpoint under .* is corrupted"):
+        resolve_resume("auto", run)
 
 
 def test_fresh_start_refuses_an_existing_run_unless_overwrite(tmp_path):

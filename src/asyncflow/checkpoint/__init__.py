@@ -38,6 +38,8 @@ from asyncflow.log import get_logger
 logger = get_logger(__name__)
 
 MANIFEST = "manifest.json"
+REQUIRED = ("meta.json", "queue.pt", "train/.metadata", "rng_train0.pt")
+"""Files every checkpoint has (with at least one `train/*.distcp` shard)."""
 
 
 @dataclass
@@ -92,6 +94,16 @@ def verify(directory: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as e:
         raise CheckpointCorrupt(f"{manifest}: unreadable ({e})") from None
+    # A manifest vouches only for what it lists: it must list every file a resume reads (a
+    # manifest listing nothing would otherwise pass and let corrupted shards load).
+    unlisted = [str(p.relative_to(directory)) for p in _files(directory)
+                if str(p.relative_to(directory)) not in files]
+    missing = [f for f in REQUIRED if f not in files]
+    if not any(f.startswith("train/") and f.endswith(".distcp") for f in files):
+        missing.append("train/*.distcp")
+    if unlisted or missing:
+        raise CheckpointCorrupt(f"{manifest}: does not list "
+                                f"{', '.join((missing + unlisted)[:4])} (incomplete manifest)")
     for rel, (size, crc) in files.items():
         path = directory / rel
         if not path.is_file():
@@ -148,7 +160,13 @@ def latest_complete(root: Path) -> Path | None:
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint `resume` (auto | a path) names for `run_dir`; None = nothing to resume."""
     if resume == "auto":
-        return latest_complete(run_dir / "checkpoints")
+        root = run_dir / "checkpoints"
+        found = latest_complete(root)
+        if found is None and checkpoints(root):  # starting over would overwrite them
+            raise CheckpointCorrupt(
+                f"resume=auto: every checkpoint under {root} is corrupted (see the warnings); "
+                "pass resume=<path> to one, or resume=false run.overwrite=true to start over")
+        return found
     path = Path(resume)
     if not path.is_dir():
         raise ValueError(f"resume={resume}: no such checkpoint directory")
