@@ -14,6 +14,7 @@ STEPS = 3
     (2, "colocated", []),
     (2, "split", ["weight_sync.kind=disk", "queue.transport=dist", "algorithm.kl_coef=0.01",
                   "algorithm=dr_grpo"]),
+    (2, "split", ["trainer.micro_batch_size=128"]),  # a step (64 rows) smaller than a chunk
 ])
 def test_placement_runs(tmp_path, nproc, placement, extra):
     out = torchrun(nproc, [f"run.root={tmp_path}", "run.name=p", f"placement={placement}",

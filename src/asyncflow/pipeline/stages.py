@@ -285,7 +285,8 @@ class RewardStage:
     def run_step(self, step: int) -> None:
         for batch in drain_step(self.q, self.name, step, self.shape.rows_per_step,
                                 self.shape.timeout_s, ["response_ids", "finished", "uid"],
-                                min_rows=self.shape.chunk_rows):
+                                # a step smaller than a chunk is scored whole
+                                min_rows=min(self.shape.chunk_rows, self.shape.rows_per_step)):
             with self.rec.span(step, self.name, "score"):
                 outcomes = self.score(batch.row_ids, _id_lists(batch.columns["response_ids"]),
                                       [bool(f) for f in batch.columns["finished"].tolist()],
