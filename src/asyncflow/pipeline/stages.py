@@ -176,6 +176,9 @@ class RolloutStage:
                 self._generate(batch, requests, pending, group_of, prompt_len, counts)
             self.q.ack(batch)
         num_rows, num_tokens, num_errors, num_spanning = counts
+        if num_rows and num_errors == num_rows:  # nothing to learn from: stop, do not pretend
+            raise RuntimeError(f"rollout: the engine refused all {num_rows} rows of step {step} "
+                               "(reasons above); the run would train nothing")
         gen_s = time.perf_counter() - t0
         self.rec.total(step, "rollout/gen_time_s", gen_s)
         self.rec.total(step, "rollout/gate_wait_s", wait_s)
