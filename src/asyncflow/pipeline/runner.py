@@ -24,8 +24,10 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -160,6 +162,8 @@ def _abort_queue_on_error(client, server):
             logger.error("this rank failed: %s", e)
         elif not isinstance(e, StopRequested | KeyboardInterrupt):
             logger.exception("this rank failed; dropping its queue links")
+            if hint := timeout_hint(e):
+                logger.error(hint)
         abort()
         raise
 
@@ -234,6 +238,21 @@ def _exit_after_stop(stop: threading.Event, marker: Path, timeout_s: float, abor
     os._exit(143 if marker.exists() else 1)
 
 
+def timeout_hint(e: BaseException | None) -> str | None:
+    """For a torch.distributed wait that timed out (gloo says only "Timed out waiting Nms"):
+    which of our waits it was, and what to change."""
+    if e is None or "Timed out" not in str(e):
+        return None
+    torch_dir = str(Path(torch.__file__).parent)
+    ours = [f for f in traceback.extract_tb(e.__traceback__)  # the caller of torch.distributed
+            if not f.filename.startswith(torch_dir)]
+    where = (f"{ours[-1].name} ({Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours
+             else "a collective")
+    return (f"a torch.distributed wait in {where} timed out after run.timeout_s: a peer rank "
+            "died, hung, or is still busy; if one step can take longer than that here, raise "
+            "run.timeout_s (e.g. run.timeout_s=600)")
+
+
 def _thread(name: str, fn, abort) -> threading.Thread:
     def body():
         try:
@@ -243,6 +262,8 @@ def _thread(name: str, fn, abort) -> threading.Thread:
                 logger.info("stage thread %r stopped by the queue's abort", name)
             else:
                 logger.exception("stage thread %r failed; exiting this rank", name)
+                if hint := timeout_hint(sys.exc_info()[1]):
+                    logger.error(hint)
             try:
                 abort()
             except OSError as e:  # best effort: the process exits either way
