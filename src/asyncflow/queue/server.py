@@ -20,7 +20,7 @@ from asyncflow.log import get_logger
 from asyncflow.queue.controller import Controller
 from asyncflow.queue.metadata import Grant
 from asyncflow.queue.samplers import sampler_from_dict
-from asyncflow.queue.storage import unlink_session
+from asyncflow.queue.storage import mark_owner, unlink_session, unlink_stale_sessions
 
 logger = get_logger(__name__)
 
@@ -162,6 +162,10 @@ class ControllerServer:
 
     def __init__(self, controller: Controller, host: str, port: int = 0):
         self.controller = controller
+        stale = unlink_stale_sessions()  # slabs of earlier runs whose host was killed
+        if stale:
+            logger.info("removed the shared-memory slabs of %d dead queue sessions", len(stale))
+        mark_owner(controller.session)
         self._sock = socket.create_server((host, port))
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._conns: dict[int, socket.socket] = {}

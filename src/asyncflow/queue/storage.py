@@ -17,6 +17,7 @@ import glob
 import itertools
 import operator
 import os
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -199,6 +200,32 @@ def unlink_session(session: str) -> None:
     for path in glob.glob(f"/dev/shm/asyncflow-{session}-*"):
         with contextlib.suppress(FileNotFoundError):  # a rank closing concurrently
             os.unlink(path)
+
+
+def mark_owner(session: str) -> None:
+    """Record which process hosts `session`, so a later run can tell its slabs are stale; the
+    marker matches `unlink_session`'s pattern and goes with the slabs."""
+    path = f"/dev/shm/asyncflow-{session}-owner"
+    with contextlib.suppress(OSError):  # no /dev/shm: nothing to clean up later either
+        Path(path).write_text(str(os.getpid()))
+
+
+def unlink_stale_sessions() -> list[str]:
+    """Remove the slabs of sessions whose host process is gone (SIGKILLed ranks leave theirs
+    behind); returns the sessions removed. Sessions of live processes are left alone."""
+    removed = []
+    for marker in glob.glob("/dev/shm/asyncflow-*-owner"):
+        session = Path(marker).name.removeprefix("asyncflow-").removesuffix("-owner")
+        try:
+            os.kill(int(Path(marker).read_text()), 0)
+            continue  # alive (or a pid reused by another process: leave it, to be safe)
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):  # unreadable marker, or a process of another user
+            continue
+        unlink_session(session)
+        removed.append(session)
+    return removed
 
 
 def slab_path(session: str, rank: int, column: str, suffix: str = "") -> str:
