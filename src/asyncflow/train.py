@@ -6,6 +6,7 @@ line on stderr naming the field, and exit code 2, before any work starts.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -30,9 +31,23 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except (ValueError, TypeError) as e:  # user or data mistakes found while building the run
         return _user_error(f"asyncflow: error: {e}")
+    except OSError as e:
+        if (line := storage_error(e)) is None:
+            raise
+        return _user_error(line)
     except StopRequested:  # SIGTERM/SIGINT: checkpointed at a step boundary
         return 143
     return 0
+
+
+def storage_error(e: OSError) -> str | None:
+    """One line for a full, read-only or forbidden disk (the machine's state, not a bug)."""
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(e.errno)
+    if what is None:
+        return None
+    return (f"asyncflow: error: {what} writing {e.filename or 'a file'}; free space or point "
+            "run.root (and the cache, ASYNCFLOW_CACHE) at a writable disk")
 
 
 def _user_error(line: str) -> int:

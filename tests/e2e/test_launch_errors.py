@@ -49,6 +49,8 @@ CASES = {  # name: (overrides, given tmp_path; what the line must say)
                             "no_ckpt: no such checkpoint directory"),
     "existing run dir": (lambda t: ["run.name=taken", "resume=false"],
                          "already holds a run and resume=false"),
+    "unwritable run root": (lambda t: ["run.root=/proc/asyncflow_runs"],
+                            "run.root=/proc/asyncflow_runs: cannot write under /proc"),
 }
 
 
@@ -61,7 +63,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     (root / "taken").mkdir(parents=True)
     (root / "taken" / "config.yaml").write_text("run: {}\n")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    out = _train_sh([f"run.root={root}", *make_args(tmp_path)])
+    args = make_args(tmp_path)
+    out = _train_sh([*([] if any(a.startswith("run.root=") for a in args)
+                       else [f"run.root={root}"]), *args])
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]

@@ -74,3 +74,16 @@ def test_the_jsonl_task_composes_from_its_yaml(tmp_path):
     cfg = load_config(["task=jsonl", f"task.path={path}", "task.heldout_size=1",
                        "task.reward=numeric"])
     assert cfg.task == JsonlTaskConfig(path=str(path), heldout_size=1, reward="numeric")
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file():
+    import errno
+
+    from asyncflow.train import storage_error
+
+    line = storage_error(OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.jsonl"))
+    assert line == ("asyncflow: error: no space left on the device writing /runs/r/metrics.jsonl; "
+                    "free space or point run.root (and the cache, ASYNCFLOW_CACHE) at a writable "
+                    "disk")
+    assert "read-only file system" in storage_error(OSError(errno.EROFS, "ro", "/x"))
+    assert storage_error(OSError(errno.EIO, "I/O error")) is None  # not the user's to fix

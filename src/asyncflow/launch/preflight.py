@@ -9,6 +9,7 @@ read). It writes nothing. Errors are ValueErrors with one line naming the field 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 ERROR_DIR_ENV = "ASYNCFLOW_ERROR_DIR"
@@ -24,6 +25,7 @@ def preflight(overrides: list[str], nproc: int):
 
     cfg = load_config(overrides)
     cfg.placement.resolve(nproc)
+    _check_writable(Path(cfg.run.root), "run.root")
     if cfg.run.name is not None:
         run_dir = Path(cfg.run.root) / cfg.run.name
         if starts_fresh(cfg):
@@ -39,6 +41,19 @@ def preflight(overrides: list[str], nproc: int):
             raise ValueError(f"engine.device={cfg.engine.device}: no CUDA device here "
                              f"(torch {torch.__version__}); use engine.device=cpu")
     return cfg
+
+
+def _check_writable(path: Path, key: str) -> None:
+    """Probe with a directory made and removed at once (permission bits say nothing to root, nor
+    about read-only or pseudo file systems); nothing is left behind."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".asyncflow-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"{key}={path}: cannot write under {existing} ({e.strerror or e}); "
+                         f"choose a writable {key}") from None
 
 
 def report_user_error(rank: int, line: str) -> bool:
