@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -98,7 +99,7 @@ def resolve_model_dir(cfg: Config) -> Path:
         return prepare_tiny_model(tiny, cache)
 
 
-def queue_config(cfg: Config, max_prompt_len: int, port: int) -> QueueConfig:
+def queue_config(cfg: Config, max_prompt_len: int, port: int, secret: str = "") -> QueueConfig:
     R = cfg.rollout.max_new_tokens
     use_kl = cfg.algorithm.kl_coef > 0
     columns = [
@@ -123,7 +124,8 @@ def queue_config(cfg: Config, max_prompt_len: int, port: int) -> QueueConfig:
     return QueueConfig(columns=columns, stages=stages, group_size=p.group_size,
                        capacity_rows=(p.max_staleness + 2) * p.rows_per_step,
                        rows_per_step=p.rows_per_step, transport=cfg.queue.transport,
-                       host=cfg.queue.host, port=port, timeout_s=cfg.run.timeout_s)
+                       host=cfg.queue.host, port=port, secret=secret,
+                       timeout_s=cfg.run.timeout_s)
 
 
 def _broadcast_str(value: str, src: int = 0) -> str:
@@ -320,11 +322,13 @@ def run(cfg: Config) -> Path:
 
     server = None
     port = torch.tensor([0])
+    # a per-run secret in every client's hello: other local processes can reach the port
+    secret = _broadcast_str(secrets.token_hex(16) if rank == 0 else "")
     if rank == 0:
-        server = serve(queue_config(cfg, max_prompt, cfg.queue.port))
+        server = serve(queue_config(cfg, max_prompt, cfg.queue.port, secret))
         port[0] = server.address[1]
     dist.broadcast(port, 0)
-    qcfg = queue_config(cfg, max_prompt, int(port.item()))
+    qcfg = queue_config(cfg, max_prompt, int(port.item()), secret)
     # the host rank's own stages call its controller in-process: over its own socket they
     # cost two frame codecs and two GIL hand-offs per call on the rollout rank's CPU
     client = connect(qcfg, rank, group=data_group,

@@ -545,7 +545,7 @@ class QueueClient:
 
 def serve(cfg: QueueConfig, controller: Controller | None = None) -> ControllerServer:
     """Host the controller (on one rank) at `cfg.host:cfg.port`."""
-    return ControllerServer(controller or Controller(cfg), cfg.host, cfg.port)
+    return ControllerServer(controller or Controller(cfg), cfg.host, cfg.port, cfg.secret)
 
 
 def connect(
@@ -560,5 +560,6 @@ def connect(
     if controller is not None:
         control: ControlPlane = LocalControl(controller, rank)
     else:
-        control = RemoteControl(address or (cfg.host, cfg.port), rank, cfg.timeout_s)
+        control = RemoteControl(address or (cfg.host, cfg.port), rank, cfg.timeout_s,
+                                cfg.secret)
     return QueueClient(cfg, rank, control, group)

@@ -46,8 +46,8 @@ class RemoteControl:
     """Controller behind `ControllerServer`. One TCP connection per concurrent caller (a pool), so
     a stage thread parked in `get` never blocks another thread's `put` on the same rank."""
 
-    def __init__(self, address: tuple[str, int], rank: int, timeout_s: float):
-        self.address, self.rank, self.timeout_s = address, rank, timeout_s
+    def __init__(self, address: tuple[str, int], rank: int, timeout_s: float, secret: str = ""):
+        self.address, self.rank, self.timeout_s, self.secret = address, rank, timeout_s, secret
         self._idle: list[socket.socket] = []
         self._all: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -58,12 +58,15 @@ class RemoteControl:
         sock = socket.create_connection(self.address, timeout=self.timeout_s)
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        send_frame(sock, {"op": "hello", "rank": self.rank})
+        send_frame(sock, {"op": "hello", "rank": self.rank, "secret": self.secret})
         reply = recv_frame(sock)
         if reply is None:
             raise ConnectionError(
                 f"queue controller at {self.address} closed the connection during hello"
             )
+        if not reply.get("ok"):
+            raise ConnectionError(f"queue controller at {self.address} refused this client: "
+                                  f"{reply.get('message')}")
         self.session = reply["result"]["session"]
         with self._lock:
             self._all.append(sock)

@@ -114,6 +114,9 @@ class QueueConfig:
     """Address the controller's control socket binds to (never 0.0.0.0 unless you mean it)."""
     port: int = 0
     """Control socket port; 0 picks a free one (read it back from the server)."""
+    secret: str = ""
+    """Shared by the host and its clients: a connection whose hello lacks it is refused (any
+    local process can reach the port). Runs set a random one per run; empty: no check."""
     timeout_s: float = 30.0
     """Default timeout of blocking `put`/`get` calls and of connecting to the controller."""
 

@@ -9,6 +9,8 @@ parks only its own client; a closed connection expires that consumer (its leases
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import json
 import socket
 import struct
@@ -160,8 +162,8 @@ def _refuse_constant(name: str) -> Any:
 class ControllerServer:
     """Hosts a `Controller` on `host:port` (port 0 picks a free one; see `.address`)."""
 
-    def __init__(self, controller: Controller, host: str, port: int = 0):
-        self.controller = controller
+    def __init__(self, controller: Controller, host: str, port: int = 0, secret: str = ""):
+        self.controller, self._secret = controller, secret
         stale = unlink_stale_sessions()  # slabs of earlier runs whose host was killed
         if stale:
             logger.info("removed the shared-memory slabs of %d dead queue sessions", len(stale))
@@ -202,6 +204,15 @@ class ControllerServer:
             first.get("rank")
         ) is not int:
             logger.warning("queue connection %d refused: its first message is not a hello", cid)
+            with self._lock:
+                self._conns.pop(cid, None)
+            conn.close()
+            return
+        if not hmac.compare_digest(str(first.get("secret", "")), self._secret):
+            logger.warning("queue connection %d refused: wrong or missing run secret", cid)
+            with contextlib.suppress(OSError):
+                send_frame(conn, {"ok": False, "error": "PermissionError",
+                                  "message": "wrong or missing run secret"})
             with self._lock:
                 self._conns.pop(cid, None)
             conn.close()
