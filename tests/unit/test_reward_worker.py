@@ -109,3 +109,13 @@ class _LockedTask(ScriptedTask):
 def test_a_task_that_cannot_be_pickled_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="task _LockedTask cannot be sent to its reward worker"):
         RewardWorker(_LockedTask(), TIMEOUT_S)
+
+
+def test_an_items_data_reaches_the_reward_and_an_item_without_it_is_scored_as_before():
+    from tests.user_rewards import EchoDataTask
+
+    items = [RewardItem(0, "x", "y", True, {"value": 0.25}), RewardItem(1, "x", "y", True),
+             RewardItem(2, "x", "y", True, {"value": 3})]
+    with RewardWorker(EchoDataTask(), TIMEOUT_S) as worker:
+        out = worker.score(items)
+    assert [(o.value, o.error) for o in out] == [(0.25, None), (-1.0, None), (3.0, None)]

@@ -2,10 +2,11 @@
 
 ```
  rank process (one caller thread)                   worker process (holds the task)
-   score(items) --(seq, [(completion, answer, finished)])--> for each item, in order:
+   score(items) --(seq, [(completion, answer, finished, data)])--> for each item, in order:
                                                        progress := (seq, position, start time)
-                                                       task.reward(completion, answer, finished)
-                <--- (seq, [(value, error), ...]) ---- every FLUSH_S and at the end of the batch
+                                                       task.reward(completion, answer, finished
+                                                                   [, data when not None])
+                <--- (seq, [(value, error, parts), ...]) every FLUSH_S and at the end of the batch
    the row in progress runs past its start + timeout_s -> that row: "timeout after X s"; SIGKILL
                                 the worker, start a new one, send it the rows not answered yet
    EOF (the worker died)     -> the row in progress: "reward worker died (exit code N)"; same
@@ -28,8 +29,10 @@ before it may not have reached the parent yet (those are lost with the worker an
 the next one: rewards are functions of their inputs).
 
 Only the parent's own child is on the other end of the pipe: what it unpickles is the worker's
-(float | None, str | None) replies. The worker turns a reward's result into a float itself (a str
-is refused, not parsed), so no object of the user's travels back; the parent checks finiteness.
+(float | None, str | None, dict[str, float] | None) replies. The worker turns a reward's result
+into a float itself (a str is refused, not parsed), and a `RewardBreakdown` into its total and a
+dict of str -> float parts, so no object of the user's travels back; the parent checks
+finiteness, of the parts too (a non-finite part fails the row like a non-finite reward).
 
 Measured with benchmarks/reward_worker.py (2-core shared CPU VM, load ~1, parent has torch
 imported; 3 runs): the first start, including the forkserver and its preload (mostly torch),
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from asyncflow.log import get_logger
-from asyncflow.tasks.base import Task
+from asyncflow.tasks.base import RewardBreakdown, Task
 
 logger = get_logger(__name__)
 
@@ -77,6 +80,8 @@ class RewardItem:
     """The problem's reference answer."""
     finished: bool
     """Whether the completion ended with EOS."""
+    data: dict | None = None
+    """The problem's `Problem.data`, handed to `task.reward` as a fourth argument when not None."""
 
 
 @dataclass
@@ -89,6 +94,9 @@ class RewardOutcome:
     """Why it failed: the exception, a non-finite or non-number result, a timeout or a crash."""
     timed_out: bool = False
     """The call ran past the timeout (the worker was killed and restarted)."""
+    parts: dict[str, float] | None = None
+    """Named parts of the reward when the task returned a `RewardBreakdown` (e.g. one per reward
+    function), each finite; None otherwise and for a failed call."""
 
 
 def _exit_with_parent() -> None:
@@ -106,20 +114,32 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _call(task: Task, completion: str, answer: str,
-          finished: bool) -> tuple[float | None, str | None]:
+def _call(task: Task, completion: str, answer: str, finished: bool, data: dict | None
+          ) -> tuple[float | None, str | None, dict[str, float] | None]:
     try:
-        result = task.reward(completion, answer, finished)
+        if data is None:
+            result = task.reward(completion, answer, finished)
+        else:
+            result = task.reward(completion, answer, finished, data)  # type: ignore[call-arg]
+        parts = None
+        if isinstance(result, RewardBreakdown):
+            parts = {}
+            for name, value in result.parts.items():
+                if not hasattr(type(value), "__float__"):
+                    return None, (f"returned part {name!r} = {type(value).__name__} "
+                                  f"{value!r:.60}, not a number"), None
+                parts[str(name)] = float(value)
+            result = result.total
         # str has no __float__: float("1") would parse it, and a reward is a number, not text
         if not hasattr(type(result), "__float__"):
-            return None, f"returned {type(result).__name__} {result!r:.60}, not a number"
-        return float(result), None
+            return None, f"returned {type(result).__name__} {result!r:.60}, not a number", None
+        return float(result), None, parts
     except Exception as e:  # deliberately tolerated: user reward code fails the row, not the worker
-        return None, f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}", None
 
 
 def _serve(conn: Connection, task: Task, progress) -> None:
-    """Worker loop: consumes numbered batches of (completion, answer, finished), records in
+    """Worker loop: consumes numbered batches of (completion, answer, finished, data), records in
     `progress` the row it is scoring, replies with lists of results in order; exits when the
     parent closes its end (or dies)."""
     _exit_with_parent()
@@ -129,9 +149,9 @@ def _serve(conn: Connection, task: Task, progress) -> None:
             seq, items = conn.recv()
         except (EOFError, ConnectionResetError):  # the parent closed its end, or exited first
             return
-        done: list[tuple[float | None, str | None]] = []
+        done: list[tuple[float | None, str | None, dict[str, float] | None]] = []
         flushed = time.monotonic()
-        for pos, (completion, answer, finished) in enumerate(items):
+        for pos, (completion, answer, finished, data) in enumerate(items):
             now = time.monotonic()
             # the record moves on before the results before it leave: the parent never holds a
             # row's result while the record still names that row
@@ -139,7 +159,7 @@ def _serve(conn: Connection, task: Task, progress) -> None:
             if done and now - flushed >= FLUSH_S:
                 conn.send((seq, done))
                 done, flushed = [], now
-            done.append(_call(task, completion, answer, finished))
+            done.append(_call(task, completion, answer, finished, data))
         conn.send((seq, done))
 
 
@@ -166,7 +186,8 @@ def _context(task: Task) -> mp.context.BaseContext:
 
 
 class RewardWorker:
-    """Scores rows with `task.reward` in a child process, each call under `timeout_s`.
+    """Scores rows with `task.reward` in a child process, each call under `timeout_s`. An item
+    with `data` is scored as `task.reward(completion, answer, finished, data)`.
 
     One caller at a time (not thread-safe); use one worker per thread that scores. The task must
     be picklable: a class at module top level of an importable module, holding no locks or sockets.
@@ -271,7 +292,7 @@ class RewardWorker:
             self._seq += 1
             try:
                 self._conn.send((self._seq, [(items[i].completion, items[i].answer,
-                                              items[i].finished) for i in todo]))
+                                              items[i].finished, items[i].data) for i in todo]))
             except ConnectionError:
                 pass  # it died just now: the EOF below tells _collect
             left = self._collect(todo, out, blame_unstarted)
@@ -303,10 +324,14 @@ class RewardWorker:
                     return todo[answered:pos] + todo[pos + 1:]
                 if seq != self._seq:
                     continue  # left over from a call that was interrupted
-                for value, error in replies:
+                for value, error, parts in replies:
                     if error is None and not math.isfinite(value):
                         error = f"returned {value}, not a finite number"
-                    out[todo[answered]] = RewardOutcome(value if error is None else None, error)
+                    for name, part in (parts or {}).items():
+                        if error is None and not math.isfinite(part):
+                            error = f"returned part {name!r} = {part}, not a finite number"
+                    out[todo[answered]] = (RewardOutcome(value, None, parts=parts)
+                                           if error is None else RewardOutcome(None, error))
                     answered += 1
                 since = time.monotonic()
             elif (not self._conn.poll(0)  # a reply that arrived meanwhile is taken first

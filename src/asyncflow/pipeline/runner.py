@@ -66,7 +66,7 @@ from asyncflow.pipeline.stages import (
 )
 from asyncflow.pipeline.trainer import DataParallelDrain, ReferenceStage, TrainStage
 from asyncflow.queue import ColumnSpec, QueueConfig, StageSpec, connect, serve
-from asyncflow.tasks import AdditionConfig, ChecksTokenizer, build_task
+from asyncflow.tasks import AdditionConfig, ChecksTokenizer, build_task, encode_problem
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
 from asyncflow.weights import LocalSync, build_weight_sync, weight_specs
 
@@ -319,6 +319,7 @@ def run(cfg: Config) -> Path:
     max_prompt = model_cfg.max_position_embeddings - cfg.rollout.max_new_tokens
     if isinstance(task, ChecksTokenizer):  # e.g. a user's data file: fail here, naming the line
         task.check_tokenizer(tokenizer, max_prompt)
+    encode_problem(tokenizer, task.train_problem(0))  # e.g. a chat template the model lacks
 
     server = None
     port = torch.tensor([0])

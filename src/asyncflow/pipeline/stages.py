@@ -32,7 +32,7 @@ from asyncflow.models import Tokenizer
 from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.reward_worker import RewardItem, RewardOutcome, RewardWorker
 from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
-from asyncflow.tasks import Problem, Task, encode_prompt, split_completion
+from asyncflow.tasks import Problem, Task, encode_problem, split_completion
 
 logger = get_logger(__name__)
 
@@ -110,7 +110,7 @@ class PromptStage:
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
         # encoded once per problem: the N rows of a group share the tensor (rows are read-only)
-        encoded = [encode_prompt(self.tok, p.prompt) for p in problems]
+        encoded = [encode_problem(self.tok, p) for p in problems]
         rows = [ids for ids in encoded for _ in range(N)]  # the N rows of a group: one prompt
         lengths = [len(ids) for ids in rows]
         prompt_ids = Ragged.from_lengths(torch.tensor([t for ids in rows for t in ids],
@@ -233,14 +233,14 @@ def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
              problems: list[Problem], max_new_tokens: int) -> tuple[float, int]:
     """Greedy accuracy on held-out problems with the engine's current (pinned) weights, and the
     number of reward failures (each scored 0: a held-out row is never dropped)."""
-    requests = [GenerationRequest(f"eval{p.uid}", encode_prompt(tokenizer, p.prompt),
+    requests = [GenerationRequest(f"eval{p.uid}", encode_problem(tokenizer, p),
                                   SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
                 for p in problems]
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     items = []
     for p, c in zip(problems, engine.generate(requests), strict=True):
         text, finished = split_completion(tokenizer, c.token_ids, eos)
-        items.append(RewardItem(p.uid, text, p.answer, finished))
+        items.append(RewardItem(p.uid, text, p.answer, finished, p.data))
     outcomes = scorer.score(items)
     for p, o in zip(problems, outcomes, strict=True):
         if o.error is not None:
@@ -273,12 +273,13 @@ class RewardStage:
               uids: list[int]) -> list[RewardOutcome]:
         """One outcome per row; failures are logged with the row id, problem uid and reason."""
         items = []
-        answers: dict[int, str] = {}  # a group's rows share their problem: look it up once
+        problems: dict[int, Problem] = {}  # a group's rows share their problem: look it up once
         for row, response, fin, uid in zip(rows, responses, finished, uids, strict=True):
             text, stopped = split_completion(self.tok, response, self.eos)
-            if uid not in answers:
-                answers[uid] = self.task.train_problem(uid).answer
-            items.append(RewardItem(row, text, answers[uid], stopped and fin))
+            if uid not in problems:
+                problems[uid] = self.task.train_problem(uid)
+            p = problems[uid]
+            items.append(RewardItem(row, text, p.answer, stopped and fin, p.data))
         outcomes = self.worker.score(items)
         for row, uid, o in zip(rows, uids, outcomes, strict=True):
             if o.error is not None:
@@ -300,6 +301,9 @@ class RewardStage:
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
                     self.rec.mean(step, "reward/mean", r)
+            for o in outcomes:  # e.g. one part per reward function; scored rows only
+                for name, value in (o.parts or {}).items():
+                    self.rec.mean(step, f"reward/{name}", value)
             self.rec.total(step, "reward/failures", sum(o.value is None for o in outcomes))
             self.rec.total(step, "reward/timeouts", sum(o.timed_out for o in outcomes))
         self.rec.stage_done(self.name, step)

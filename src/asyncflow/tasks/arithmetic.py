@@ -67,7 +67,8 @@ class AdditionTask:
     def problem(self, uid: int, a: int, b: int) -> Problem:
         """The problem for operands (a, b) with the given uid."""
         n = self.cfg.num_digits
-        return Problem(uid=uid, prompt=f"{a:0{n}d}+{b:0{n}d}=", answer=f"{a + b:0{n + 1}d}")
+        return Problem(uid=uid, prompt=f"{a:0{n}d}+{b:0{n}d}=", answer=f"{a + b:0{n + 1}d}",
+                       chat_template=self.cfg.chat_template, system_prompt=self.cfg.system_prompt)
 
     def train_problem(self, index: int) -> Problem:
         if index < 0:

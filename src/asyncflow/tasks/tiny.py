@@ -44,9 +44,11 @@ FORMAT_VERSION = 1
 """Bumped whenever the recipe changes in a way the config hash cannot see."""
 MARKER = "prep.json"
 """Written last; its presence marks a complete prepared directory."""
-REWARD_RUNTIME_FIELDS = ("reward_timeout_s", "on_reward_failure")
-"""Task fields that say how rewards are run during RL, not what the model learns: left out of the
-cache hash, so adding or changing them does not invalidate prepared models."""
+REWARD_RUNTIME_FIELDS = ("reward_timeout_s", "on_reward_failure", "chat_template",
+                         "system_prompt")
+"""Task fields that say how rewards are run during RL, or how prompts are rendered for models with
+a chat template (the tiny tokenizer has none), not what the model learns: left out of the cache
+hash, so adding or changing them does not invalidate prepared models."""
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 CHARACTERS = tuple("0123456789") + tuple("+-*/=().") + (" ",)
