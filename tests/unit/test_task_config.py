@@ -87,3 +87,18 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_file():
                     "disk")
     assert "read-only file system" in storage_error(OSError(errno.EROFS, "ro", "/x"))
     assert storage_error(OSError(errno.EIO, "I/O error")) is None  # not the user's to fix
+
+
+def test_the_dataset_task_composes_with_nested_keys_weighted_rewards_and_a_chat_template(
+        tmp_path):
+    from asyncflow.tasks import DatasetTaskConfig
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "1+1=", "gt": {"a": "2"}}\n{"q": "1+2=", "gt": {"a": "3"}}\n')
+    cfg = load_config(["task=dataset", f"task.path={path}", "task.heldout_size=1",
+                       "task.prompt_key=q", "task.answer_key=gt.a", "task.chat_template=true",
+                       "task.system_prompt=Be brief.", "task.reward=[numeric,format]",
+                       "task.reward_weights=[1.0,0.2]"])
+    assert cfg.task == DatasetTaskConfig(
+        path=str(path), heldout_size=1, prompt_key="q", answer_key="gt.a", chat_template=True,
+        system_prompt="Be brief.", reward=["numeric", "format"], reward_weights=[1.0, 0.2])

@@ -16,10 +16,12 @@ from asyncflow.tasks.base import (
     split_completion,
     train_problems,
 )
+from asyncflow.tasks.dataset import DatasetTask, DatasetTaskConfig
 from asyncflow.tasks.jsonl import JsonlTask, JsonlTaskConfig
 
 TASKS: dict[str, tuple[type[TaskConfig], Callable[..., Task]]] = {
     "addition": (AdditionConfig, AdditionTask),
+    "dataset": (DatasetTaskConfig, DatasetTask),
     "jsonl": (JsonlTaskConfig, JsonlTask),
 }
 
@@ -65,6 +67,8 @@ __all__ = [
     "AdditionConfig",
     "AdditionTask",
     "ChecksTokenizer",
+    "DatasetTask",
+    "DatasetTaskConfig",
     "JsonlTask",
     "JsonlTaskConfig",
     "Messages",
