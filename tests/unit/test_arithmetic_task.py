@@ -116,7 +116,8 @@ def test_split_completion_cuts_at_first_eos_and_keeps_stray_specials():
 
 def test_build_task_dispatches_on_kind_and_names_valid_kinds():
     assert isinstance(build_task(AdditionConfig(seed=3)), AdditionTask)
-    with pytest.raises(ValueError, match=r"'sorting'.*\['addition', 'dataset', 'jsonl'\]"):
+    with pytest.raises(ValueError, match=r"'sorting'.*\['addition', 'dataset', 'jsonl', "
+                                         r"'reasoning_gym'\]"):
         build_task(TaskConfig(kind="sorting"))
     with pytest.raises(TypeError, match="AdditionConfig"):
         build_task(TaskConfig(kind="addition"))

@@ -18,11 +18,13 @@ from asyncflow.tasks.base import (
 )
 from asyncflow.tasks.dataset import DatasetTask, DatasetTaskConfig
 from asyncflow.tasks.jsonl import JsonlTask, JsonlTaskConfig
+from asyncflow.tasks.reasoning_gym import ReasoningGymConfig, ReasoningGymTask
 
 TASKS: dict[str, tuple[type[TaskConfig], Callable[..., Task]]] = {
     "addition": (AdditionConfig, AdditionTask),
     "dataset": (DatasetTaskConfig, DatasetTask),
     "jsonl": (JsonlTaskConfig, JsonlTask),
+    "reasoning_gym": (ReasoningGymConfig, ReasoningGymTask),
 }
 
 
@@ -73,6 +75,8 @@ __all__ = [
     "JsonlTaskConfig",
     "Messages",
     "Problem",
+    "ReasoningGymConfig",
+    "ReasoningGymTask",
     "RewardBreakdown",
     "Task",
     "TaskConfig",
