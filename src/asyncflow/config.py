@@ -25,7 +25,9 @@ from asyncflow.tasks.base import TaskConfig
 from asyncflow.tasks.tiny import TinyModelConfig
 from asyncflow.weights import WeightSyncConfig
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The configs shipped inside the package (the repository's top-level `conf` links here), so an
+installed asyncflow finds them; `--config-dir` points at a user's own instead."""
 
 
 class ConfigError(ValueError):
@@ -248,22 +250,34 @@ def _register(config_dir: Path) -> None:
             cs.store(group="task", name=kind, node=config_type)
 
 
-def load_config(overrides: list[str], config_dir: Path = CONF_DIR,
+def load_config(overrides: list[str] | None = None, config_dir: str | Path | None = None,
                 config_name: str = "config") -> Config:
-    """Compose `conf/` with command-line overrides and convert to dataclasses, validated.
+    """Compose the packaged configs with command-line overrides and convert to dataclasses,
+    validated. `config_dir`: a user's directory searched after the packaged one, for their own
+    group options (e.g. `task/my_data.yaml`) or a primary config of their own (`config_name`,
+    which may list the packaged `config` in its defaults).
 
     Raises ConfigError with one line naming the offending key or field.
     """
+    overrides = list(overrides or [])
+    main, extra = CONF_DIR, None  # Hydra finds a primary config only in the main directory
+    if config_dir is not None:
+        user = Path(config_dir).absolute()
+        if not user.is_dir():
+            raise ConfigError(f"--config-dir {config_dir}: no such directory")
+        main, extra = (user, CONF_DIR) if (user / f"{config_name}.yaml").is_file() \
+            else (CONF_DIR, user)
+    searchpath = [] if extra is None else [f"hydra.searchpath=[file://{extra}]"]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _register(Path(config_dir))
+    _register(CONF_DIR)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            composed = compose(config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(main), version_base=None):
+            composed = compose(config_name, overrides=searchpath + overrides)
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_unknown_key(e, overrides) or _one_line(e)) from None

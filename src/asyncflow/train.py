@@ -20,7 +20,7 @@ from asyncflow.log import setup_logging
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(*config_args(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         return _user_error(f"asyncflow: config error: {e}")
     from asyncflow.pipeline.runner import StopRequested, run
@@ -38,6 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested:  # SIGTERM/SIGINT: checkpointed at a step boundary
         return 143
     return 0
+
+
+def config_args(argv: list[str]) -> tuple[list[str], str | None, str]:
+    """(overrides, --config-dir, --config-name) from the command line."""
+    overrides, options = [], {"--config-dir": None, "--config-name": "config"}
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in options:
+            options[name] = value if eq else next(it, None)
+            if options[name] is None:
+                raise ConfigError(f"{name} needs a value")
+        else:
+            overrides.append(arg)
+    return overrides, options["--config-dir"], options["--config-name"]
 
 
 def storage_error(e: OSError) -> str | None:

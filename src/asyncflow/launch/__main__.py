@@ -1,6 +1,8 @@
 """The command users run: check the config once, then start the ranks under torchrun.
 
-    python -m asyncflow.launch [--nproc-per-node N] [--max-restarts K] [hydra overrides ...]
+    python -m asyncflow.launch [--nproc-per-node N] [--max-restarts K] [--config-dir DIR]
+                               [--config-name NAME] [hydra overrides ...]
+    asyncflow-train ...        (the same, as the installed console script)
 
 A mistake in the overrides, the data, the model directory or the run directory is found here,
 before any rank starts: one line on stderr naming the field, exit code 2, nothing written. A user
@@ -27,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc-per-node", type=int, default=2)
     ap.add_argument("--max-restarts", type=int, default=0)
+    ap.add_argument("--config-dir", default=None,
+                    help="your own config directory, searched after the packaged configs")
+    ap.add_argument("--config-name", default="config", help="primary config (default: config)")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from asyncflow.launch.preflight import ERROR_DIR_ENV, preflight
 
     try:
-        preflight(overrides, args.nproc_per_node)
+        preflight(overrides, args.nproc_per_node, args.config_dir, args.config_name)
     except ConfigError as e:
         print(f"asyncflow: config error: {e}", file=sys.stderr)
         return 2
@@ -56,7 +61,9 @@ def _torchrun(args: argparse.Namespace, overrides: list[str], errors: Path) -> i
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     targs = get_args_parser().parse_args([
         f"--nproc_per_node={args.nproc_per_node}", "--standalone",
-        f"--max-restarts={args.max_restarts}", "-m", "asyncflow.train", *overrides])
+        f"--max-restarts={args.max_restarts}", "-m", "asyncflow.train",
+        *([f"--config-dir={Path(args.config_dir).absolute()}"] if args.config_dir else []),
+        f"--config-name={args.config_name}", *overrides])
     try:
         run(targs)
     except ChildFailedError as e:

@@ -16,14 +16,15 @@ ERROR_DIR_ENV = "ASYNCFLOW_ERROR_DIR"
 """Set by `python -m asyncflow.launch`: where a rank leaves its one-line user error."""
 
 
-def preflight(overrides: list[str], nproc: int):
+def preflight(overrides: list[str], nproc: int, config_dir: str | None = None,
+              config_name: str = "config"):
     """The validated Config for `overrides` on `nproc` ranks; raises ConfigError (a ValueError)
     for the config itself and ValueError for the rest."""
     from asyncflow.checkpoint import check_fresh_run_dir, resolve_resume
     from asyncflow.config import load_config, starts_fresh
     from asyncflow.models.checkpoint import check_pretrained
 
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, config_dir, config_name)
     cfg.placement.resolve(nproc)
     _check_writable(Path(cfg.run.root), "run.root")
     if cfg.run.name is not None:
