@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Creates .venv idempotently: torch first (pinned CPU wheel unless a CUDA torch is already present),
 # then asyncflow with the extras this machine can use. A second run only checks and exits fast.
-#   EXTRAS=dev,hf,tasks scripts/setup.sh     (default: dev,hf)
+#   EXTRAS=dev,hf,bench scripts/setup.sh     (default: dev,hf,tasks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,hf}
+EXTRAS=${EXTRAS:-dev,hf,tasks}
 TORCH_VERSION=2.13.0
 stamp="$VENV/.asyncflow-setup"
 want="$(cat pyproject.toml setup.cfg | sha1sum | cut -c1-12) extras=$EXTRAS"
