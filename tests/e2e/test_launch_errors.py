@@ -49,6 +49,7 @@ CASES = {  # name: (overrides, given tmp_path; what the line must say)
                             "no_ckpt: no such checkpoint directory"),
     "existing run dir": (lambda t: ["run.name=taken", "resume=false"],
                          "already holds a run and resume=false"),
+    "cuda without a GPU": (lambda t: ["engine.device=cuda"], "engine.device=cuda: no CUDA device"),
     "unwritable run root": (lambda t: ["run.root=/proc/asyncflow_runs"],
                             "run.root=/proc/asyncflow_runs: cannot write under /proc"),
 }
@@ -57,6 +58,11 @@ CASES = {  # name: (overrides, given tmp_path; what the line must say)
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     make_args, message = CASES[case]
+    if case == "cuda without a GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: engine.device=cuda is valid here")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "02"}\nnot json\n')
     _bad_model(tmp_path)
     root = tmp_path / "runs"
