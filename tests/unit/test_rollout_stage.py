@@ -49,11 +49,21 @@ def _stage(sampling: SamplingParams):
     return stage, q, sink
 
 
-def test_a_step_the_engine_generates_is_put_onward():
+def test_a_step_the_engine_generates_is_put_onward_and_truncation_is_counted():
     stage, q, sink = _stage(SamplingParams(max_new_tokens=4, temperature=1.0))
     stage.run_step(0)
     batch = q.get("reward", P * N, timeout_s=1.0)
     assert len(batch) == P * N and sink.records[0]["rollout/errors"] == 0
+    lengths = batch.columns["response_ids"].lengths
+    stopped = batch.columns["finished"].bool()  # ended with EOS; the rest hit max_new_tokens
+    assert bool((lengths[~stopped] == 4).all())
+    assert sink.records[0]["response/truncated_frac"] == (~stopped).sum().item() / (P * N)
+
+
+def test_every_row_cut_at_max_new_tokens_is_counted_as_truncated():
+    stage, _, sink = _stage(SamplingParams(max_new_tokens=3, ignore_eos=True))
+    stage.run_step(0)
+    assert sink.records[0]["response/truncated_frac"] == 1.0
 
 
 def test_a_step_whose_every_row_is_refused_fails_the_run():

@@ -159,7 +159,7 @@ class RolloutStage:
         with self.rec.tracer.span("wait_version", "rollout", step=step):
             wait_s = self.gate.wait_for(step - self.shape.max_staleness, self.shape.timeout_s)
         t0 = time.perf_counter()
-        counts = [0, 0, 0, 0]  # rows, tokens, engine errors, rows spanning a weight commit
+        counts = [0, 0, 0, 0, 0]  # rows, tokens, engine errors, rows spanning a commit, truncated
         for batch in drain_step(self.q, self.name, step, self.batch_size, self.shape.timeout_s,
                                 ["prompt_ids"]):
             prompts = _id_lists(batch.columns["prompt_ids"])
@@ -175,7 +175,7 @@ class RolloutStage:
             with self.rec.span(step, self.name, "generate"):
                 self._generate(batch, requests, pending, group_of, prompt_len, counts)
             self.q.ack(batch)
-        num_rows, num_tokens, num_errors, num_spanning = counts
+        num_rows, num_tokens, num_errors, num_spanning, num_truncated = counts
         if num_rows and num_errors == num_rows:  # nothing to learn from: stop, do not pretend
             raise RuntimeError(f"rollout: the engine refused all {num_rows} rows of step {step} "
                                "(reasons above); the run would train nothing")
@@ -187,6 +187,8 @@ class RolloutStage:
         # new weights arrived while these rows were generating, and generation went on
         self.rec.total(step, "rollout/rows_spanning_versions", num_spanning)
         self.rec.mean(step, "response/length_mean", num_tokens / max(num_rows, 1), num_rows)
+        # stopped by max_new_tokens (or the context window) before EOS: raise the limit if high
+        self.rec.mean(step, "response/truncated_frac", num_truncated / max(num_rows, 1), num_rows)
         self.rec.stage_done(self.name, step)
 
     def _generate(self, batch: Batch, requests, pending, group_of, prompt_len,
@@ -197,6 +199,7 @@ class RolloutStage:
         for c in self.engine.stream(requests):
             row = int(c.request_id)
             counts[3] += c.policy_version_end != c.policy_version_start
+            counts[4] += c.finish_reason == "length"
             if c.finish_reason == "error":
                 counts[2] += 1
                 logger.warning("rollout: row %d refused by the engine: %s", row, c.error)
