@@ -110,6 +110,9 @@ class TrainerConfig:
     """FSDP2 mixed precision."""
     micro_batch_size: int = 64
     """Rows per forward/backward on one train rank."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations: less memory for
+    long responses, for about one more forward pass of compute."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1:

@@ -131,9 +131,10 @@ class FSDPTrainEngine:
 
     def __init__(self, model_dir: str, mesh: DeviceMesh, optim: OptimConfig | None,
                  precision: PrecisionConfig | None = None, device: str = "cpu",
-                 total_steps: int = 1):
+                 total_steps: int = 1, activation_checkpointing: bool = False):
         self.mesh, self.device = mesh, torch.device(device)
         model = load_pretrained(model_dir, dtype=torch.float32, device=device)
+        model.model.activation_checkpointing = activation_checkpointing
         self.config = model.config
         self.model = apply_fsdp(model, mesh, precision or PrecisionConfig())
         self.policy_version = 0

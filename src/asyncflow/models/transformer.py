@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from asyncflow.models.config import ModelConfig
 
@@ -184,6 +185,9 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.rope_scale = 1.0
+        self.activation_checkpointing = False
+        """Training forwards keep only each block's input and recompute the block in backward
+        (less activation memory for long responses, about one more forward of compute)."""
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -206,8 +210,12 @@ class Backbone(nn.Module):
     def forward(self, input_ids_BT, position_ids_BT, mask_B1TS, kv_cache=None):
         x_BTE = self.embed_tokens(input_ids_BT)
         cos, sin = self.rope(position_ids_BT, x_BTE.dtype)
+        recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x_BTE = layer(x_BTE, cos, sin, mask_B1TS, kv_cache)
+            if recompute:  # non-reentrant: works under FSDP2 and with inputs that need no grad
+                x_BTE = checkpoint(layer, x_BTE, cos, sin, mask_B1TS, None, use_reentrant=False)
+            else:
+                x_BTE = layer(x_BTE, cos, sin, mask_B1TS, kv_cache)
         return self.norm(x_BTE)
 
 

@@ -409,7 +409,8 @@ def run(cfg: Config) -> Path:
                 seq.append(ReferenceStage(client, ref, ref_drain, cfg.rollout.temperature,
                                           recorder))
             policy = FSDPTrainEngine(str(model_dir), meshes.train_mesh, cfg.trainer.optim,
-                                     cfg.trainer.precision, str(device), p.num_steps)
+                                     cfg.trainer.precision, str(device), p.num_steps,
+                                     cfg.trainer.activation_checkpointing)
             columns = ["prompt_ids", "uid", "response_ids", "behaviour_logprobs", "advantage"]
             columns += ["ref_logprobs"] if use_kl else []
             train_group = meshes.train_mesh.get_group()
