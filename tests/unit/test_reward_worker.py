@@ -119,3 +119,25 @@ def test_an_items_data_reaches_the_reward_and_an_item_without_it_is_scored_as_be
     with RewardWorker(EchoDataTask(), TIMEOUT_S) as worker:
         out = worker.score(items)
     assert [(o.value, o.error) for o in out] == [(0.25, None), (-1.0, None), (3.0, None)]
+
+
+def test_the_worker_leaves_quietly_when_its_parent_resets_the_pipe(monkeypatch):
+    # a parent that exits with unread replies resets the pipe: the worker's recv raises
+    # ConnectionResetError, not EOFError; it must end like on EOF, not print a traceback
+    from asyncflow.pipeline import reward_worker
+
+    monkeypatch.setattr(reward_worker, "_exit_with_parent", lambda: None)
+
+    class ResetPipe:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def recv(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    pipe = ResetPipe()
+    reward_worker._serve(pipe, None, [0, 0, 0.0])  # returns instead of raising
+    assert pipe.sent[0][0] == "ready"
