@@ -12,20 +12,10 @@ from asyncflow.pipeline.stages import AdvantageStage, RewardStage, StepShape
 from asyncflow.queue import ColumnSpec, Controller, QueueConfig, StageSpec, connect
 from asyncflow.tasks.tiny import build_char_tokenizer
 from tests.faulty_tasks import ScriptedTask
+from tests.recording import ListSink
 
 N = 2  # rows per group; the first completion of a group is right, the second wrong
 TIMEOUT_S = 0.5
-
-
-class ListSink:
-    def __init__(self):
-        self.records: dict[int, dict[str, float]] = {}
-
-    def write(self, step, metrics):
-        self.records[step] = metrics
-
-    def close(self):
-        pass
 
 
 def _run_step(script: tuple[str, ...], on_failure: str):

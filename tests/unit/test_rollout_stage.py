@@ -9,19 +9,9 @@ from asyncflow.models import ModelConfig, build_model
 from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.stages import RolloutStage, StepShape, VersionGate
 from asyncflow.queue import ColumnSpec, Controller, QueueConfig, StageSpec, connect
+from tests.recording import ListSink
 
 P, N, VOCAB = 2, 2, 24
-
-
-class ListSink:
-    def __init__(self):
-        self.records: dict[int, dict[str, float]] = {}
-
-    def write(self, step, metrics):
-        self.records[step] = metrics
-
-    def close(self):
-        pass
 
 
 def _stage(sampling: SamplingParams):

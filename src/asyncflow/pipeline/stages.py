@@ -109,16 +109,13 @@ class PromptStage:
         N = self.shape.group_size
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
-        # encoded once per problem: the N rows of a group share the tensor (rows are read-only)
-        encoded = [encode_problem(self.tok, p) for p in problems]
+        encoded = [encode_problem(self.tok, p) for p in problems]  # once per problem
         rows = [ids for ids in encoded for _ in range(N)]  # the N rows of a group: one prompt
-        lengths = [len(ids) for ids in rows]
-        prompt_ids = Ragged.from_lengths(torch.tensor([t for ids in rows for t in ids],
-                                                      dtype=torch.long), torch.tensor(lengths))
+        prompt_ids = Ragged.from_lists(rows, torch.long)
         uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
         group_ids = [g for g in groups for _ in range(N)]
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
-                   num_tokens=lengths,
+                   num_tokens=prompt_ids.lengths.tolist(),
                    timeout_s=self.shape.timeout_s * 10)
 
 
@@ -220,12 +217,9 @@ class RolloutStage:
         own `ack` after the last put is then a no-op (it would end rows never put)."""
         rows = [r for r, _ in finished]
         comps = [c for _, c in finished]
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.long)
-        self.q.put({  # one tensor per column, not one per row
-            "response_ids": Ragged.from_lengths(torch.tensor(
-                [t for c in comps for t in c.token_ids], dtype=torch.long), lengths),
-            "behaviour_logprobs": Ragged.from_lengths(torch.tensor(
-                [x for c in comps for x in c.logprobs], dtype=torch.float32), lengths),
+        self.q.put({
+            "response_ids": Ragged.from_lists([c.token_ids for c in comps], torch.long),
+            "behaviour_logprobs": Ragged.from_lists([c.logprobs for c in comps], torch.float32),
             "finished": torch.tensor([c.finish_reason == "stop" for c in comps], dtype=torch.long),
         }, rows=rows, policy_versions=[c.policy_version_start for c in comps],
             num_tokens=[prompt_len[r] + len(c.token_ids) for r, c in zip(rows, comps, strict=True)],

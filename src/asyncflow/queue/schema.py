@@ -187,6 +187,13 @@ class Ragged:
         return Ragged(values, offsets)
 
     @staticmethod
+    def from_lists(rows: list[list], dtype: torch.dtype) -> Ragged:
+        """Rows given as Python lists (token ids, log-probs): one tensor for all of them, not one
+        per row (a hot path: every generated row goes through it)."""
+        return Ragged.from_lengths(torch.tensor([x for r in rows for x in r], dtype=dtype),
+                                   torch.tensor([len(r) for r in rows], dtype=torch.int64))
+
+    @staticmethod
     def from_padded(padded: torch.Tensor, lengths: torch.Tensor) -> Ragged:
         """The inverse of `padded`: row i is `padded[i, :lengths[i]]`."""
         mask_BT = torch.arange(padded.shape[1]) < lengths[:, None]
