@@ -82,8 +82,7 @@ def check(b) -> None:
     )
 
 
-def queue_pass(rank: int, client, batches, paced: bool, step: int,
-               prefetch: int = 4) -> tuple[float, list[float]]:  # fmt: skip
+def queue_pass(rank: int, client, batches, paced: bool, step: int) -> tuple[float, list[float]]:
     """One pass of all rows. Returns (seconds first put -> last ack, per-batch one-way latencies)."""
     flag = torch.zeros(1, dtype=torch.float64)
     dist.barrier()
@@ -107,11 +106,12 @@ def queue_pass(rank: int, client, batches, paced: bool, step: int,
             client.ack(b)
             got += len(b)
             dist.send(torch.tensor([t_have], dtype=torch.float64), dst=0)
-    else:  # stream: the stage-loop iterator, leasing and fetching up to `prefetch` batches ahead
-        stream = client.stream(
-            "train", BATCH, prefetch=prefetch, timeout_s=60, min_rows=BATCH, sampler=StepSampler(step)
-        )
-        for b in stream:  # ends when the step is exhausted
+    else:  # stream: a stage loop, get + ack until the step is exhausted
+        while True:
+            b = client.get("train", BATCH, timeout_s=60, min_rows=BATCH, sampler=StepSampler(step))
+            if not len(b):
+                assert b.exhausted, "timed out"
+                break
             check(b)
             client.ack(b)
             got += len(b)
@@ -170,7 +170,7 @@ def batches_columns() -> list[str]:
     return ["prompt", "response", "logprob"]
 
 
-def worker(rank: int, port: int, repeats: int, prefetch: int, results) -> None:
+def worker(rank: int, port: int, repeats: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=PG_TIMEOUT)
@@ -201,8 +201,7 @@ def worker(rank: int, port: int, repeats: int, prefetch: int, results) -> None:
                 secs, _ = raw_pass(rank, paced=False)
                 _, lat = raw_pass(rank, paced=True)
             else:
-                secs, _ = queue_pass(rank, clients[name], batches, paced=False, step=1 + 2 * r,
-                                     prefetch=prefetch)
+                secs, _ = queue_pass(rank, clients[name], batches, paced=False, step=1 + 2 * r)
                 _, lat = queue_pass(rank, clients[name], batches, paced=True, step=2 + 2 * r)
             out.setdefault(f"{name}/stream_s", []).append(secs)
             out.setdefault(f"{name}/paced_lat_s", []).append(lat)
@@ -255,7 +254,7 @@ def _control_plane(sizes: tuple[int, ...], blocks: int, iters: int) -> dict[int,
         server = serve(cfg, ctl)
         conns[n] = (server, RemoteControl(server.address, 0, 10.0))
     args = dict(stage="a", batch_size=BATCH, timeout_s=1.0, sampler={"kind": "fifo"}, min_rows=1,
-                columns=None, min_policy_version=None)  # fmt: skip
+                columns=None)  # fmt: skip
     out: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(blocks):
         for n, (_, rc) in conns.items():
@@ -297,9 +296,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prefetch", type=int, default=4,
-                    help="stream mode: batches the consumer keeps leased ahead (leased and "
-                         "pulled half of them at a time)")  # fmt: skip
     ap.add_argument(
         "--write", type=Path, default=None, help="append/replace the Queue section here"
     )
@@ -311,7 +307,7 @@ def main() -> None:
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=worker, args=(r, port, args.repeats, args.prefetch, results)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, args.repeats, results)) for r in range(2)]
     for p in procs:
         p.start()
     res = results.get(timeout=900)
@@ -377,7 +373,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write is not None:
-        write_section(args.write, table, args.repeats, args.prefetch, load_before)
+        write_section(args.write, table, args.repeats, load_before)
 
 
 def _commit() -> str:
@@ -392,11 +388,11 @@ def _commit() -> str:
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def write_section(path: Path, table: str, repeats: int, prefetch: int, load: float) -> None:
+def write_section(path: Path, table: str, repeats: int, load: float) -> None:
     header = "## Queue (benchmarks/queue_throughput.py)"
     body = (
         f"{header}\n\n"
-        f"Command: `python benchmarks/queue_throughput.py --repeats {repeats} --prefetch {prefetch} --write "
+        f"Command: `python benchmarks/queue_throughput.py --repeats {repeats} --write "
         f"benchmarks/RESULTS.md`; "
         f"machine: 2-core CPU dev VM (no GPU); date: "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}, commit {_commit()}; "
@@ -405,10 +401,8 @@ def write_section(path: Path, table: str, repeats: int, prefetch: int, load: flo
         f"repeats, transports interleaved, after a warm-up pass. "
         f"{NUM_ROWS} rows x 16 KiB, 64-row micro-batches, 1 producer + 1 consumer process, capacity 1024 rows.\n\n"
         f"{table}\n\n"
-        f"Notes. stream: the consumer is the `QueueClient.stream` stage-loop iterator with "
-        f"prefetch={prefetch} (up to {prefetch} batches leased ahead; once half are consumed the "
-        f"missing ones are leased in one `get_many` round trip and pulled in one message per "
-        f"owner), the producer free-runs until capacity blocks it; paced: "
+        "Notes. stream: the consumer is a stage loop, `get` + `ack` of one micro-batch at a "
+        "time until the step is exhausted, the producer free-runs until capacity blocks it; paced: "
         "one micro-batch in flight, latency from the start of `put` to the batch (all columns) in "
         "the consumer's hands, p50/p99 over 64 batches per repeat. The producer hosts the "
         "controller and calls it in-process; the consumer talks to it over the socket. raw gloo: "

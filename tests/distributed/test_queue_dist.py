@@ -39,17 +39,9 @@ def pipeline_cfg(transport, num_rows, **kw):
     return QueueConfig(**base)
 
 
-def _drain(client, stage, batch_size, handle, prefetch=0):
-    """Stage loop: get this step's rows until the step is exhausted for the stage; with
-    `prefetch`, through `stream` (batches leased several per round trip, pulled together)."""
+def _drain(client, stage, batch_size, handle):
+    """Stage loop: get this step's rows until the step is exhausted for the stage."""
     seen = []
-    if prefetch:
-        for batch in client.stream(stage, batch_size, prefetch=prefetch, timeout_s=10,
-                                   sampler=StepSampler(0)):  # fmt: skip
-            handle(batch)
-            client.ack(batch)
-            seen += batch.row_ids
-        return seen
     while True:
         batch = client.get(stage, batch_size, timeout_s=10, sampler=StepSampler(0))
         if not len(batch):
@@ -112,7 +104,7 @@ def _pipeline_rank(rank, world_size, cfg, address):
                 assert torch.equal(r, p.repeat(2)[: r.shape[0]] + 1), "response corrupted"
 
         # rows of each batch live on up to four ranks: prompt and reward on 0-1, response on 2-3
-        join = _in_thread(lambda: _drain(client, "train", 6, train, prefetch=4))
+        join = _in_thread(lambda: _drain(client, "train", 6, train))
         seen["rollout"] = _drain(client, "rollout", 7, rollout)
         seen["train"] = join()
     if group is not None:
@@ -173,7 +165,11 @@ def _wake_rank(rank, world_size, cfg, address):
     for i in range(10):
         dist.barrier()
         if rank == 0:
-            time.sleep(0.05)  # let rank 1 park in get
+            # Not a wait for a state: rank 1's get is parked in the test process's controller,
+            # which these forked ranks cannot see. Nothing can hang on it (the get times out in
+            # 5 s and a late put still reaches it); the pause only makes the measured latency
+            # that of a get already parked when the put comes.
+            time.sleep(0.05)
             t_put = time.time()
             client.put({"prompt": torch.full((1, 8), i)})
             lat.append(t_put)
@@ -210,6 +206,7 @@ def _capacity_rank(rank, world_size, cfg, address):
         result = t0, time.time()
     else:
         dist.barrier()
+        # deliberate: nothing frees rows for 0.3 s, so rank 0's put must stay blocked that long
         time.sleep(0.3)
         t_ack = time.time()
         client.ack(client.get("rollout", 2, timeout_s=5))
@@ -379,7 +376,9 @@ def _idle_owner(rank, world_size):
         storage.write([0, 1], {"x": torch.arange(8).view(2, 4)})
     plane = DistTransport(schema, storage, group)
     dist.barrier()
-    time.sleep(1.5)  # nobody pulls for longer than the data group's timeout
+    # deliberate: nobody pulls for longer than the data group's timeout (1 s); the owner's
+    # serving thread must still answer afterwards
+    time.sleep(1.5)
     out = plane.start(0, [("x", [0, 1])])()[0].tolist() if rank == 1 else None
     dist.barrier()
     plane.close()

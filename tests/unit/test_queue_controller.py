@@ -17,6 +17,8 @@ from asyncflow.queue import (
     balance_by_tokens,
 )
 
+from ..waiting import num_waiting, wait_until
+
 
 def make_cfg(**kw):
     base = dict(
@@ -90,7 +92,7 @@ def test_blocking_get_wakes_on_commit():
 
     th = threading.Thread(target=consumer)
     th.start()
-    time.sleep(0.1)
+    wait_until(lambda: num_waiting(ctl._stages["rollout"].cond) == 1, what="get parked")
     t_put = time.monotonic()
     put(ctl, 1)
     th.join(5)
@@ -125,7 +127,7 @@ def test_capacity_blocks_put_until_rows_freed():
 
     th = threading.Thread(target=producer)
     th.start()
-    time.sleep(0.05)
+    wait_until(lambda: num_waiting(ctl._space) == 1, what="reserve parked")
     assert "ids" not in done
     ctl.ack(ctl.get("c", "a", 2, timeout_s=0).lease_id)
     th.join(5)
@@ -183,16 +185,6 @@ def test_step_sampler_returns_rest_of_step_then_empty_at_once():
     assert time.monotonic() - t0 < 1.0
     timed_out = ctl.get("c", "rollout", 8, timeout_s=0.05, sampler=StepSampler(2))
     assert timed_out.row_ids == [] and not timed_out.exhausted
-
-
-def test_staleness_filter_drops_old_versions_for_that_stage_only():
-    ctl = Controller(make_cfg(stages=[StageSpec("a", ["prompt"]), StageSpec("b", ["prompt"])]))
-    put(ctl, 2, versions=[1, 1])
-    put(ctl, 2, versions=[3, 3])
-    g = ctl.get("c", "a", 8, timeout_s=0, min_policy_version=2)
-    assert g.policy_versions == [3, 3]
-    assert ctl.stats()["num_dropped_stale"] == 2
-    assert len(ctl.get("c", "b", 8, timeout_s=0).row_ids) == 4
 
 
 def test_balance_by_tokens_equal_counts_and_close_sums():
@@ -294,23 +286,6 @@ def test_state_dict_roundtrip_redelivers_leased_rows():
     assert new.get("c", "rollout", 8, timeout_s=0, sampler=StepSampler(0)).row_ids == []
 
 
-def test_get_many_answers_what_is_ready_now_and_ends_a_step_without_another_round_trip():
-    ctl = Controller(make_cfg(rows_per_step=6))
-    ids = put(ctl, 5, step=0)
-    grants = ctl.get_many("c", "rollout", 2, 4, timeout_s=0, sampler=StepSampler(0), min_rows=2)
-    # two whole grants; a third would have to wait for a second row
-    assert [g.row_ids for g in grants] == [ids[:2], ids[2:4]]
-    assert len({g.lease_id for g in grants}) == 2  # each grant is its own lease
-    ctl.ack(grants[0].lease_id)
-    ctl.nack(grants[1].lease_id)
-    last = put(ctl, 1, step=0)
-    grants = ctl.get_many("c", "rollout", 2, 4, timeout_s=0, sampler=StepSampler(0), min_rows=2)
-    assert [g.row_ids for g in grants] == [ids[2:4], [ids[4], *last], []]
-    assert grants[-1].exhausted  # the step is all taken: the stream learns it in this answer
-    with pytest.raises(ValueError, match="count=0"):
-        ctl.get_many("c", "rollout", 2, 0)
-
-
 def test_state_dict_with_an_older_reservation_unwritten_never_reuses_a_row_id():
     """Two producers overlap: A's reservation is still unwritten when B's later rows are stored
     (row 2) or already freed (row 1). Only A's ids above every written row are handed out again."""
@@ -329,12 +304,21 @@ def test_state_dict_with_an_older_reservation_unwritten_never_reuses_a_row_id():
     assert new.get("c", "a", 8, timeout_s=0).row_ids == stored
 
 
-def test_refused_get_drops_no_stale_row():
+def test_refused_get_leases_no_row():
     ctl = Controller(make_cfg())  # rows_per_step=0: a step sampler is refused
     put(ctl, 2, versions=[1, 1])
     with pytest.raises(ValueError, match="rows_per_step > 0"):
-        ctl.get("c", "rollout", 4, sampler=StepSampler(0), min_policy_version=5)
-    assert ctl.num_ready("rollout") == 2 and ctl.stats()["num_dropped_stale"] == 0
+        ctl.get("c", "rollout", 4, sampler=StepSampler(0))
+    assert ctl.num_ready("rollout") == 2 and ctl.stats()["num_leases"] == 0
+
+
+def test_a_state_saved_with_a_stale_row_count_still_loads():
+    """Checkpoints written while the queue still dropped stale rows carry `num_dropped_stale`."""
+    ctl = Controller(make_cfg())
+    ids = put(ctl, 2)
+    new = Controller(make_cfg())
+    new.load_state_dict({**ctl.state_dict(), "num_dropped_stale": 3})
+    assert new.get("c", "rollout", 8, timeout_s=0).row_ids == ids
 
 
 def test_a_state_whose_next_row_id_names_a_stored_row_hands_out_new_ids():
@@ -376,8 +360,7 @@ def test_get_balanced_refused_call_does_not_advance_its_rank():
     t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
         "c0", "rollout", 0, 2, 2, timeout_s=5)), daemon=True)  # fmt: skip
     t.start()
-    while not ctl._rounds:  # rank 0 waits in round 0
-        time.sleep(0.001)
+    wait_until(lambda: ctl._rounds.open, what="rank 0 waits in round 0")
     with pytest.raises(ValueError, match="dp_size=3"):
         ctl.get_balanced("c1", "rollout", 1, 3, 2, timeout_s=5)
     out[1] = ctl.get_balanced("c1", "rollout", 1, 2, 2, timeout_s=5)  # joins round 0
@@ -408,13 +391,12 @@ def test_get_balanced_error_of_the_last_rank_answers_the_others_at_once():
     t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
         "c0", "rollout", 0, 2, 2, timeout_s=30, sampler=_Broken())), daemon=True)  # fmt: skip
     t.start()
-    while not ctl._rounds:
-        time.sleep(0.001)
+    wait_until(lambda: ctl._rounds.open, what="rank 0 waits in round 0")
     with pytest.raises(RuntimeError, match="sampler bug"):
         ctl.get_balanced("c1", "rollout", 1, 2, 2, timeout_s=30, sampler=_Broken())
     t.join(5)
     assert not t.is_alive() and out[0].row_ids == []
-    assert ctl.num_ready("rollout") == 4 and not ctl._rounds
+    assert ctl.num_ready("rollout") == 4 and not ctl._rounds.open
 
 
 def test_load_state_dict_answers_a_waiting_balanced_round_empty():
@@ -423,25 +405,10 @@ def test_load_state_dict_answers_a_waiting_balanced_round_empty():
     t = threading.Thread(target=lambda: out.setdefault(0, ctl.get_balanced(
         "c0", "rollout", 0, 2, 2, timeout_s=30)), daemon=True)  # fmt: skip
     t.start()
-    while not ctl._rounds:
-        time.sleep(0.001)
+    wait_until(lambda: ctl._rounds.open, what="rank 0 waits in round 0")
     ctl.load_state_dict(Controller(make_cfg()).state_dict())
     t.join(5)
     assert not t.is_alive() and out[0].row_ids == []
-
-
-def test_stale_row_drops_its_whole_group_for_a_group_sampler():
-    """A group of versions [1, 3, 3] read with min_policy_version=2: its fresh rows could never
-    form a whole group again, so the group is dropped whole and its capacity comes back."""
-    cfg = make_cfg(capacity_rows=6, group_size=3, stages=[StageSpec("a", ["prompt"])])
-    ctl = Controller(cfg)
-    put(ctl, 3, group_ids=[0, 0, 0], versions=[1, 3, 3])
-    fresh = put(ctl, 3, group_ids=[1, 1, 1], versions=[3, 3, 3])
-    g = ctl.get("c", "a", 6, timeout_s=0, sampler=GroupSampler(), min_policy_version=2)
-    assert g.row_ids == fresh
-    ctl.ack(g.lease_id)
-    assert ctl.stats()["num_rows"] == 0 and ctl.stats()["num_dropped_stale"] == 3
-    assert len(ctl.reserve("p", 6, group_ids=[2] * 3 + [3] * 3, timeout_s=0)) == 6
 
 
 def test_release_gives_back_the_capacity_of_an_unwritten_reservation():

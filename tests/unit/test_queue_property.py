@@ -1,8 +1,8 @@
 """Property test: random interleavings of puts, gets, acks, nacks, consumer failures and
 checkpoints against a plain model. No row lost, none duplicated, none delivered early; also a
 second producer's unwritten reservations (`release`, expiry, a checkpoint while they are open:
-no row id is ever handed out twice), stale-row eviction (`min_policy_version`, FIFO and whole
-groups), and each stage's exact FIFO order after nack, expiry and restore."""
+no row id is ever handed out twice), policy versions carried to the grants, and each stage's exact
+FIFO order after nack, expiry and restore."""
 
 import json
 
@@ -146,22 +146,6 @@ class QueueModel(RuleBasedStateMachine):
             self.ctl.commit("p", 0, [row], ["x"], [row])
         assert self.ctl.state_dict() == before
 
-    def evict(self, stage, group, mpv):
-        if mpv is None:
-            return
-        elig = self.eligible(stage)
-        stale = {r for r in elig if UNKNOWN < self.version[r] < mpv}
-        if not group:
-            drop = stale
-        else:
-            drop = set()
-            for r in stale:
-                members = {o for o in elig if self.group[o] == self.group[r]}
-                if len(members) == GROUP:
-                    drop |= members
-        self.order[stage] = [r for r in self.order[stage] if r not in drop]
-        self.consume(stage, drop)
-
     def available(self, stage, group):
         eligible = self.eligible(stage)
         if not group:
@@ -170,44 +154,38 @@ class QueueModel(RuleBasedStateMachine):
                 if sum(self.group[o] == self.group[r] for o in eligible) == GROUP}
 
     @rule(stage=st.sampled_from(sorted(NEEDS)), consumer=st.sampled_from(["c0", "c1", "c2"]),
-          batch_size=st.integers(1, 5), group=st.booleans(), count=st.integers(1, 3),
-          min_rows=st.integers(1, 3), mpv=st.sampled_from([None, None, 2]))
-    def get(self, stage, consumer, batch_size, group, count, min_rows, mpv):
+          batch_size=st.integers(1, 5), group=st.booleans(), min_rows=st.integers(1, 3))
+    def get(self, stage, consumer, batch_size, group, min_rows):
         min_rows = min(min_rows, batch_size)
         if group and batch_size < GROUP:
             before = self.ctl.state_dict()
             with pytest.raises(ValueError):
-                self.ctl.get_many(consumer, stage, batch_size, count, timeout_s=0,
-                                  sampler=GroupSampler(), min_rows=min_rows,
-                                  min_policy_version=mpv)
+                self.ctl.get(consumer, stage, batch_size, timeout_s=0, sampler=GroupSampler(),
+                             min_rows=min_rows)
             assert self.ctl.state_dict() == before, "a refused get changed the queue"
             return
-        self.evict(stage, group, mpv)
         sampler = GroupSampler() if group else None
-        grants = self.ctl.get_many(consumer, stage, batch_size, count, timeout_s=0,
-                                   sampler=sampler, min_rows=min_rows, min_policy_version=mpv)
-        assert 1 <= len(grants) <= count
-        for k, g in enumerate(grants):
-            rows = g.row_ids
-            available = self.available(stage, group)
-            if len(available) < min_rows:
-                assert k == 0 and not rows
-                return
-            assert len(rows) == len(set(rows)) <= batch_size
-            assert set(rows) <= available, "delivered a row not ready, already consumed, or leased"
-            if mpv is not None:
-                assert all(not UNKNOWN < self.version[r] < mpv for r in rows), "stale row delivered"
-            if group:
-                by_group: dict[int, int] = {}
-                for r in rows:
-                    by_group[self.group[r]] = by_group.get(self.group[r], 0) + 1
-                assert all(v == GROUP for v in by_group.values())
-                assert len(rows) == min(len(available), batch_size // GROUP * GROUP)
-            else:
-                assert len(rows) == min(batch_size, len(available))
-                assert rows == self.order[stage][:len(rows)], "FIFO order broken"
-            self.order[stage] = [r for r in self.order[stage] if r not in set(rows)]
-            self.leases[g.lease_id] = (stage, consumer, rows)
+        g = self.ctl.get(consumer, stage, batch_size, timeout_s=0, sampler=sampler,
+                         min_rows=min_rows)
+        rows = g.row_ids
+        available = self.available(stage, group)
+        if len(available) < min_rows:
+            assert not rows
+            return
+        assert len(rows) == len(set(rows)) <= batch_size
+        assert set(rows) <= available, "delivered a row not ready, already consumed, or leased"
+        assert g.policy_versions == [self.version[r] for r in rows], "policy version lost"
+        if group:
+            by_group: dict[int, int] = {}
+            for r in rows:
+                by_group[self.group[r]] = by_group.get(self.group[r], 0) + 1
+            assert all(v == GROUP for v in by_group.values())
+            assert len(rows) == min(len(available), batch_size // GROUP * GROUP)
+        else:
+            assert len(rows) == min(batch_size, len(available))
+            assert rows == self.order[stage][:len(rows)], "FIFO order broken"
+        self.order[stage] = [r for r in self.order[stage] if r not in set(rows)]
+        self.leases[g.lease_id] = (stage, consumer, rows)
 
     @precondition(lambda self: self.leases)
     @rule(data=st.data())

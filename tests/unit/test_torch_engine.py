@@ -21,6 +21,8 @@ from asyncflow.engines.decode import GraphedDecodeStep
 from asyncflow.engines.staging import StagedWeights
 from asyncflow.models import ModelConfig, build_model, load_pretrained, save_pretrained
 
+from ..waiting import wait_until
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, EOS = 24, 2
@@ -331,8 +333,7 @@ def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b, device):
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
         _reqs(prompts, max_new_tokens=40, temperature=0, ignore_eos=True, ))))
     worker.start()
-    while engine.health().num_running == 0:
-        time.sleep(0.001)
+    wait_until(lambda: engine.health().num_running > 0, 30, "generate running")
     engine.load_weights(_state(tiny_b))
     engine.commit_weights(7)  # returns once the new weights are live
     worker.join(timeout=30)
@@ -366,7 +367,8 @@ def test_pause_holds_decoding_and_resume_finishes(tiny, device):
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
         _reqs(_prompts(2), max_new_tokens=5, temperature=0))))
     worker.start()
-    time.sleep(0.3)
+    wait_until(lambda: engine.health().num_waiting == 2, 30, "requests queued")
+    time.sleep(0.3)  # deliberate: a negative check, nothing is decoded while paused
     assert worker.is_alive() and engine.health().paused and "out" not in result
     engine.resume()
     worker.join(timeout=30)
@@ -406,7 +408,7 @@ def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny, device):
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=list(stream)))
     worker.start()
-    time.sleep(0.2)
+    wait_until(lambda: engine.health().num_waiting == 3, 30, "the stream's requests queued")
     engine.shutdown()
     worker.join(timeout=30)
     assert [c.finish_reason for c in result["out"]] == ["abort"] * 3

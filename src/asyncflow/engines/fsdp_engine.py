@@ -1,6 +1,6 @@
 """FSDP2 train engine: log-probs, streaming loss accumulation, exact step normalisation.
 
-Streaming training (DESIGN 5): `forward_backward` runs on each micro-batch as it arrives and leaves
+Streaming training: `forward_backward` runs on each micro-batch as it arrives and leaves
 gradients UN-normalised (FSDP's divide factor is set to 1, so reduce-scatter sums over ranks);
 `step(local_normaliser)` all-reduces the normaliser over the train mesh, scales gradients once by
 its inverse, clips and steps. The result equals one full-batch mean loss exactly (up to float

@@ -1,4 +1,5 @@
-"""The streaming data queue: rows and named columns between RL stages (DESIGN.md section 4).
+"""The streaming data queue: rows and named columns passed between the RL stages. A row becomes
+visible to a stage once every column that stage needs is stored, and reaches each stage once.
 
 Stages use `QueueClient.put` / `get` / `ack`; one rank hosts the `Controller` (`serve`).
 """

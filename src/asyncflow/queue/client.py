@@ -20,20 +20,16 @@ disappears without closing has its leases returned when its control connection d
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from asyncflow.log import get_logger
-from asyncflow.queue.control import ControlPlane, LocalControl, RemoteControl
+from asyncflow.queue.control import ControlPlane, Freed, LocalControl, RemoteControl
 from asyncflow.queue.controller import Controller, Grant
 from asyncflow.queue.samplers import FifoSampler, Sampler
 from asyncflow.queue.schema import QueueConfig, Ragged, Schema
@@ -55,7 +51,11 @@ from asyncflow.queue.transport import (
     Transport,
 )
 
-logger = get_logger(__name__)
+T = TypeVar("T")
+
+Pulls = list[tuple[str, list[int], list[int] | None]]
+"""Columns to pull from one owner: (column, slots, positions of those rows in the batch, or None
+when the owner holds every row of the column, in batch order)."""
 
 
 @dataclass
@@ -111,8 +111,9 @@ class QueueClient:
                 self._remote = DistTransport(self.schema, self.storage, group)
         self._local = LocalTransport(self.storage)
 
-    def _call(self, op: str, **args: Any) -> Any:
-        result, freed = self.control.call(op, args)
+    def _reply(self, answer: tuple[T, Freed]) -> T:
+        """The result of a control call; the freed rows riding on it go back to the storage."""
+        result, freed = answer
         if freed:
             with self._lock:
                 self.storage.free(freed)
@@ -128,7 +129,7 @@ class QueueClient:
                 return self.storage.write(rows, data)
             except MemoryError:
                 pass
-        self._call("take_freed")
+        self._reply(self.control.take_freed())
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
@@ -164,6 +165,43 @@ class QueueClient:
             raise ValueError("put needs at least one column")
         if ack is not None and rows is None:
             raise ValueError("put(ack=batch) needs rows=: the batch's rows this output completes")
+        data, num_rows = self._rows_of(columns)
+        if rows is not None and len(rows) != num_rows:
+            raise ValueError(f"len(rows)={len(rows)} but the columns have {num_rows} rows")
+        if rows is not None and len(set(rows)) != len(rows):
+            raise ValueError(f"rows contain duplicates: {rows}")
+        if num_rows == 0:
+            raise ValueError("put of zero rows")
+        timeout = timeout_s if timeout_s is not None else self.cfg.timeout_s
+        reserved = rows is None
+        if rows is None:
+            rows = self._reply(self.control.reserve(num_rows, step, group_ids, timeout))
+        try:
+            slots = self._write(rows, data, timeout)
+            try:
+                self._reply(self.control.commit(
+                    list(rows), list(data), slots, policy_versions, num_tokens,
+                    ack.lease_id if ack is not None else None,
+                ))  # fmt: skip
+            except ValueError:
+                with self._lock:
+                    self.storage.discard(list(rows), list(data))
+                raise
+        except BaseException:
+            if reserved:  # the reservation would hold capacity until this client disconnects
+                with contextlib.suppress(OSError, ValueError, RuntimeError):
+                    self._reply(self.control.release(list(rows)))
+            raise
+        if ack is not None:
+            ack.num_done += len(rows)
+            if ack.num_done == len(ack.row_ids):
+                ack.lease_id = -1  # the controller ended the lease with its last row
+        return list(rows)
+
+    def _rows_of(self, columns: dict[str, torch.Tensor | Ragged | list[torch.Tensor]]
+                 ) -> tuple[dict[str, Any], int]:  # fmt: skip
+        """Each column checked against the schema and in the form the storage writes (dense
+        `[B, ...]` or `Ragged`), and the number of rows they all have."""
         data: dict[str, Any] = {}
         num_rows = None
         for name, value in columns.items():
@@ -182,38 +220,8 @@ class QueueClient:
             if num_rows is not None and n != num_rows:
                 raise ValueError(f"column {name!r} has {n} rows, other columns have {num_rows}")
             num_rows = n
-        if rows is not None and len(rows) != num_rows:
-            raise ValueError(f"len(rows)={len(rows)} but the columns have {num_rows} rows")
-        if rows is not None and len(set(rows)) != len(rows):
-            raise ValueError(f"rows contain duplicates: {rows}")
-        if num_rows == 0:
-            raise ValueError("put of zero rows")
-        timeout = timeout_s if timeout_s is not None else self.cfg.timeout_s
-        reserved = rows is None
-        if rows is None:
-            rows = self._call(
-                "reserve", num_rows=num_rows, step=step, group_ids=group_ids, timeout_s=timeout
-            )
-        try:
-            slots = self._write(rows, data, timeout)
-            try:
-                self._call("commit", row_ids=list(rows), columns=list(data), slots=slots,
-                           policy_versions=policy_versions, num_tokens=num_tokens,
-                           ack_lease=ack.lease_id if ack is not None else None)  # fmt: skip
-            except ValueError:
-                with self._lock:
-                    self.storage.discard(list(rows), list(data))
-                raise
-        except BaseException:
-            if reserved:  # the reservation would hold capacity until this client disconnects
-                with contextlib.suppress(OSError, ValueError, RuntimeError):
-                    self._call("release", row_ids=list(rows))
-            raise
-        if ack is not None:
-            ack.num_done += len(rows)
-            if ack.num_done == len(ack.row_ids):
-                ack.lease_id = -1  # the controller ended the lease with its last row
-        return list(rows)
+        assert num_rows is not None, "put checked that there is a column"
+        return data, num_rows
 
     # ------------------------------------------------------------------ get
 
@@ -225,23 +233,12 @@ class QueueClient:
         sampler: Sampler | None = None,
         min_rows: int = 1,
         columns: list[str] | None = None,
-        min_policy_version: int | None = None,
     ) -> Batch:
         """Lease up to `batch_size` rows whose columns `stage` needs are all ready and that the
         stage has not consumed; blocks until `min_rows` are available. Empty batch on timeout."""
-        grants = self._lease(stage, batch_size, 1, timeout_s, sampler, min_rows, columns,
-                             min_policy_version)  # fmt: skip
-        return self._start(grants)[0]()
-
-    def _lease(self, stage: str, batch_size: int, count: int, timeout_s: float | None,
-               sampler: Sampler | None, min_rows: int, columns: list[str] | None,
-               min_policy_version: int | None) -> list[Grant]:  # fmt: skip
-        """Up to `count` grants from one control round trip (`Controller.get_many`)."""
-        return [Grant.from_wire(g) for g in self._call(
-            "get_many", stage=stage, batch_size=batch_size, count=count, timeout_s=timeout_s,
-            sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows, columns=columns,
-            min_policy_version=min_policy_version,
-        )]  # fmt: skip
+        grant = self._reply(self.control.get(stage, batch_size, timeout_s,
+                                             sampler or FifoSampler(), min_rows, columns))
+        return self._fetch(grant)
 
     def get_balanced(
         self,
@@ -253,139 +250,44 @@ class QueueClient:
         sampler: Sampler | None = None,
         min_rows: int = 1,
         columns: list[str] | None = None,
-        min_policy_version: int | None = None,
     ) -> Batch:
         """Collective over the `dp_size` ranks of a data-parallel mesh: each call is answered
         together with the same call of the other ranks, token-balanced, equal row counts (+-1)."""
-        grant = Grant.from_wire(self._call(
-            "get_balanced", stage=stage, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size,
-            timeout_s=timeout_s, sampler=(sampler or FifoSampler()).to_dict(), min_rows=min_rows,
-            columns=columns, min_policy_version=min_policy_version,
+        grant = self._reply(self.control.get_balanced(
+            stage, dp_rank, dp_size, batch_size, timeout_s, sampler or FifoSampler(), min_rows,
+            columns,
         ))  # fmt: skip
-        return self._start([grant])[0]()
+        return self._fetch(grant)
 
-    def stream(
-        self,
-        stage: str,
-        batch_size: int,
-        prefetch: int = 2,
-        timeout_s: float | None = None,
-        sampler: Sampler | None = None,
-        min_rows: int = 1,
-        columns: list[str] | None = None,
-        min_policy_version: int | None = None,
-    ) -> Iterator[Batch]:
-        """Yield `get(...)` batches until one comes back empty (timeout, or the step sampler's step
-        is exhausted). A background thread keeps up to `prefetch` batches leased and their
-        transfers started, so control round trips and transfers overlap the caller's work. Once
-        half of them are consumed it leases the missing ones in one round trip (`get_many`) and
-        pulls their rows in one message per owner. The caller acks each batch; leases still ahead
-        when the caller stops iterating are given back, newest first so that the queue's order is
-        kept, before the iterator returns, except a `get_many` still waiting in the controller:
-        what it leases is given back when it answers."""
-        if prefetch < 1:
-            raise ValueError(f"prefetch={prefetch}; must be >= 1")
-        chunk = max(1, prefetch // 2)
-        cond = threading.Condition()
-        ahead: collections.deque[Callable[[], Batch] | BaseException] = collections.deque()
-        stopped, leasing = [False], [False]
-
-        def prefetcher() -> None:
-            """Prefetch loop: waits until `chunk` batches of room are free in `ahead` (or the
-            consumer stopped), leases that many in one `get_many`, starts their transfers and
-            appends them; ends after an empty batch or an error."""
-            while True:
-                with cond:
-                    while prefetch - len(ahead) < chunk and not stopped[0]:
-                        cond.wait()
-                    if stopped[0]:
-                        return
-                    count = prefetch - len(ahead)
-                    leasing[0] = True
-                items: list[Callable[[], Batch] | BaseException]
+    def _fetch(self, grant: Grant) -> Batch:
+        """The grant's rows with their columns, pulled with one transfer per owner, every transfer
+        started before any is waited for. If a transfer fails the lease is given back before the
+        error propagates."""
+        columns: dict[str, ColumnValue] = {}
+        if grant.row_ids:
+            started = self._start(_by_owner(grant.locations), grant.lease_id)
+            pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]] = {
+                c: [] for c in grant.locations
+            }
+            error: BaseException | None = None
+            for reqs, pending in started:  # every transfer ends before the lease goes back
                 try:
-                    grants = self._lease(stage, batch_size, count, timeout_s, sampler, min_rows,
-                                         columns, min_policy_version)  # fmt: skip
-                    with cond:
-                        leasing[0] = False
-                    items = list(self._start(grants))
-                except Exception as e:  # any error is handed to the consumer, which raises it
-                    grants, items = [], [e]
-                with cond:
-                    leasing[0] = False
-                    handed = not stopped[0]
-                    if handed:
-                        ahead.extend(items)
-                        cond.notify_all()
-                if not handed:  # the consumer stopped meanwhile: these never reached it
-                    for item in reversed(items):
-                        if not isinstance(item, BaseException):
-                            self._give_back(item)
-                    return
-                if not grants or not grants[-1].row_ids:
-                    return
+                    for (col, _, positions), v in zip(reqs, pending(), strict=True):
+                        pieces[col].append((positions, v))
+                except (RuntimeError, OSError) as e:
+                    error = error or e
+            if error is not None:
+                self.nack_lease(grant.lease_id)
+                raise error
+            columns = self._assemble(len(grant.row_ids), pieces)
+        return Batch(grant.row_ids, columns, grant.lease_id, grant.steps, grant.group_ids,
+                     grant.policy_versions, grant.num_tokens, grant.exhausted)  # fmt: skip
 
-        name = f"asyncflow-queue-prefetch-{stage}"
-        thread = threading.Thread(target=prefetcher, name=name, daemon=True)
-        thread.start()
-        try:
-            while True:
-                with cond:
-                    while not ahead:
-                        cond.wait()
-                    item = ahead.popleft()
-                    cond.notify_all()
-                if isinstance(item, BaseException):
-                    raise item
-                batch = item()
-                if not len(batch):
-                    return
-                yield batch
-        finally:
-            with cond:
-                stopped[0] = True
-                left = [f for f in ahead if not isinstance(f, BaseException)]
-                ahead.clear()
-                cond.notify_all()
-                waiting_in_controller = leasing[0]
-            if not waiting_in_controller:  # it gives back what it holds (newer) and ends soon
-                thread.join()
-            for finish in reversed(left):  # newest first: the oldest rows end up in front
-                self._give_back(finish)
-
-    def _give_back(self, finish: Callable[[], Batch]) -> None:
-        """Complete a started transfer (an owner may be blocked sending it), then nack it."""
-        try:
-            self.nack(finish())
-        except (OSError, ValueError, RuntimeError) as e:  # closed: the dropped link returns rows
-            logger.warning("could not give back prefetched rows: %s", e)
-
-    def _start(self, grants: list[Grant]) -> list[Callable[[], Batch]]:
-        """Start one transfer per owner for the rows of all `grants` together; each returned
-        function waits for them and returns its grant's batch. Columns whose rows live on several
-        owners are reassembled in row order. If a transfer fails every lease is given back before
-        the error propagates."""
-        full = [g for g in grants if g.row_ids]
-        if len(full) == 1:
-            locations = full[0].locations
-        else:
-            locations = {c: (list(itertools.chain.from_iterable(g.locations[c][0] for g in full)),
-                             list(itertools.chain.from_iterable(g.locations[c][1] for g in full)))
-                         for c in (full[0].locations if full else {})}  # fmt: skip
-        by_owner: dict[int, list[tuple[str, list[int], list[int] | None]]] = {}
-        for col, (owners, slots) in locations.items():
-            if owners.count(owners[0]) == len(owners):  # the common case: one owner
-                by_owner.setdefault(owners[0], []).append((col, slots, None))
-                continue
-            per: dict[int, tuple[list[int], list[int]]] = {}
-            for pos, (owner, slot) in enumerate(zip(owners, slots, strict=True)):
-                p = per.setdefault(owner, ([], []))
-                p[0].append(slot)
-                p[1].append(pos)
-            for owner, (owner_slots, positions) in per.items():
-                by_owner.setdefault(owner, []).append((col, owner_slots, positions))
-        leases = [g.lease_id for g in full if g.lease_id >= 0]
-        started: list[tuple[list[tuple[str, list[int], list[int] | None]], Pending]] = []
+    def _start(self, by_owner: dict[int, Pulls], lease_id: int
+               ) -> list[tuple[Pulls, Pending]]:  # fmt: skip
+        """Start one transfer per owner. If one cannot start, those started are finished (an
+        owner may be sending) and the lease is given back before the error propagates."""
+        started: list[tuple[Pulls, Pending]] = []
         try:
             for owner, reqs in by_owner.items():
                 transport = self._local if owner == self.rank else self._remote
@@ -399,53 +301,9 @@ class QueueClient:
             for _, pending in started:  # finish what was started: its owner may be sending it
                 with contextlib.suppress(RuntimeError, OSError):
                     pending()
-            for lease_id in reversed(leases):  # owner unreachable: give the rows back, then fail
-                self.nack_lease(lease_id)  # newest first: the oldest rows end up in front
+            self.nack_lease(lease_id)  # owner unreachable: give the rows back, then fail
             raise
-
-        num_rows = sum(len(g.row_ids) for g in full)
-        done: dict[str, Any] = {}
-        lock = threading.Lock()
-
-        def columns() -> dict[str, ColumnValue]:
-            """The columns of all grants' rows, waited for once by whichever batch asks first."""
-            with lock:
-                if "error" in done:
-                    raise done["error"]
-                if "columns" not in done:
-                    pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]] = {
-                        c: [] for c in locations
-                    }
-                    for reqs, pending in started:  # every transfer ends before any lease goes back
-                        try:
-                            for (col, _, positions), v in zip(reqs, pending(), strict=True):
-                                pieces[col].append((positions, v))
-                        except (RuntimeError, OSError) as e:
-                            done.setdefault("error", e)
-                    if "error" in done:
-                        for lease_id in reversed(leases):
-                            self.nack_lease(lease_id)
-                        raise done["error"]
-                    done["columns"] = self._assemble(num_rows, pieces)
-                return done["columns"]
-
-        def finisher(grant: Grant, first: int) -> Callable[[], Batch]:
-            def finish() -> Batch:
-                if not grant.row_ids:
-                    cols: dict[str, ColumnValue] = {}
-                elif len(full) == 1:
-                    cols = columns()
-                else:
-                    end = first + len(grant.row_ids)
-                    cols = {c: v.slice_rows(first, end) if isinstance(v, Ragged) else v[first:end]
-                            for c, v in columns().items()}  # fmt: skip
-                return Batch(grant.row_ids, cols, grant.lease_id, grant.steps, grant.group_ids,
-                             grant.policy_versions, grant.num_tokens, grant.exhausted)  # fmt: skip
-
-            return finish
-
-        firsts = itertools.accumulate((len(g.row_ids) for g in grants[:-1]), initial=0)
-        return [finisher(g, first) for g, first in zip(grants, firsts, strict=True)]
+        return started
 
     def _assemble(self, num_rows: int,
                   pieces: dict[str, list[tuple[list[int] | None, ColumnValue]]]
@@ -469,7 +327,7 @@ class QueueClient:
     def ack(self, batch: Batch) -> None:
         """The batch's rows are consumed by its stage (each row reaches each stage exactly once)."""
         if batch.lease_id >= 0:
-            self._call("ack", lease_id=batch.lease_id)
+            self._reply(self.control.ack(batch.lease_id))
 
     def nack(self, batch: Batch) -> None:
         """Give the batch back: its rows are redelivered to the stage first."""
@@ -477,23 +335,23 @@ class QueueClient:
 
     def nack_lease(self, lease_id: int) -> None:
         if lease_id >= 0:
-            self._call("nack", lease_id=lease_id)
+            self._reply(self.control.nack(lease_id))
 
     def stats(self) -> dict[str, int]:
-        return self._call("stats")
+        return self._reply(self.control.stats())
 
     # ------------------------------------------------------------------ state, shutdown
 
     def taken(self, stage: str) -> dict[int, int]:
         """Rows of each step `stage` has leased or consumed (what a resumed stage has done)."""
-        return {int(k): int(v) for k, v in self._call("taken", stage=stage)}
+        return self._reply(self.control.taken(stage))
 
     def snapshot(self) -> dict[str, Any]:
         """The whole queue: the controller's metadata and every stored column, pulled from its
         owners. Consistent as long as no row is freed meanwhile (stored columns are write-once,
         and a checkpoint takes it while the last stage, train, is between steps). Plain data and
         tensors only (`torch.load(weights_only=True)` reads it)."""
-        meta = self._call("state_dict")
+        meta = self._reply(self.control.state_dict())
         names = [c.name for c in self.schema.columns]
         columns: dict[str, Any] = {}
         for c, name in enumerate(names):
@@ -504,7 +362,7 @@ class QueueClient:
                     if r[5] >> c & 1}
             owners, slots = zip(*[locs[r] for r in rows], strict=True)
             grant = Grant(-1, rows, [], [], [], [], {name: (list(owners), list(slots))})
-            value = self._start([grant])[0]().columns[name]
+            value = self._fetch(grant).columns[name]
             columns[name] = ({"row_ids": rows, "values": value.values, "offsets": value.offsets}
                              if isinstance(value, Ragged) else {"row_ids": rows, "values": value})
         return {"meta": meta, "columns": columns}
@@ -527,7 +385,7 @@ class QueueClient:
             where.update({(r, c): s for r, s in zip(rows, slots, strict=True)})
         rows = [[*r[:7], [[c, self.rank, where[(r[0], c)]] for c, _, _ in r[7]]]
                 for r in meta["rows"]]
-        self._call("load_state_dict", state={**meta, "rows": rows, "freed": []})
+        self._reply(self.control.load_state_dict({**meta, "rows": rows, "freed": []}))
 
     def close(self) -> None:
         """Collective when transport='dist'. Unlinks this rank's shared-memory slabs."""
@@ -541,6 +399,23 @@ class QueueClient:
         self.control.close()
         if isinstance(self.storage, SharedMemoryStorage):
             self.storage.close()
+
+
+def _by_owner(locations: dict[str, tuple[list[int], list[int]]]) -> dict[int, Pulls]:
+    """What to pull from each owner; columns whose rows live on several owners are split."""
+    by_owner: dict[int, Pulls] = {}
+    for col, (owners, slots) in locations.items():
+        if owners.count(owners[0]) == len(owners):  # the common case: one owner
+            by_owner.setdefault(owners[0], []).append((col, slots, None))
+            continue
+        per: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, (owner, slot) in enumerate(zip(owners, slots, strict=True)):
+            p = per.setdefault(owner, ([], []))
+            p[0].append(slot)
+            p[1].append(pos)
+        for owner, (owner_slots, positions) in per.items():
+            by_owner.setdefault(owner, []).append((col, owner_slots, positions))
+    return by_owner
 
 
 def serve(cfg: QueueConfig, controller: Controller | None = None) -> ControllerServer:

@@ -1,5 +1,8 @@
-"""How a client reaches the controller: in process (`LocalControl`) or over the socket of
-`server.py` (`RemoteControl`); both go through the same checked `dispatch`."""
+"""How a client reaches the controller: in process (`LocalControl`: the controller's methods,
+called directly) or over the socket of `server.py` (`RemoteControl`: typed JSON requests that the
+server checks and dispatches by name). Both stand in for one client: they pass its consumer name
+and rank, and answer every call with (result, freed), `freed` being the (slot, row id) of this
+rank's rows freed since the last answer, which the client's storage reuses."""
 
 from __future__ import annotations
 
@@ -7,24 +10,62 @@ import contextlib
 import itertools
 import socket
 import threading
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from asyncflow.queue.controller import Controller
-from asyncflow.queue.server import dispatch, recv_frame, send_frame
+from asyncflow.queue.metadata import Grant
+from asyncflow.queue.samplers import Sampler
+from asyncflow.queue.server import recv_frame, send_frame
+
+Freed = list[tuple[int, int]]
+"""(slot, row id) of this rank's rows freed since the last answer."""
+
+T = TypeVar("T")
 
 
 class ControlPlane(Protocol):
-    """How a client reaches the controller. `call` returns (result, freed (slot, row) pairs)."""
+    """The controller's operations as one client makes them (see `Controller` for each)."""
 
     session: str
 
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]: ...
+    def reserve(self, num_rows: int, step: int, group_ids: list[int] | None,
+                timeout_s: float) -> tuple[list[int], Freed]: ...  # fmt: skip
+
+    def commit(self, row_ids: list[int], columns: list[str], slots: list[int],
+               policy_versions: list[int] | None, num_tokens: list[int] | None,
+               ack_lease: int | None) -> tuple[None, Freed]: ...  # fmt: skip
+
+    def release(self, row_ids: list[int]) -> tuple[None, Freed]: ...
+
+    def take_freed(self) -> tuple[None, Freed]:
+        """Only the freed rows: the storage is full and waits for slots."""
+        ...
+
+    def get(self, stage: str, batch_size: int, timeout_s: float | None, sampler: Sampler,
+            min_rows: int, columns: list[str] | None) -> tuple[Grant, Freed]: ...  # fmt: skip
+
+    def get_balanced(self, stage: str, dp_rank: int, dp_size: int, batch_size: int,
+                     timeout_s: float | None, sampler: Sampler, min_rows: int,
+                     columns: list[str] | None) -> tuple[Grant, Freed]: ...  # fmt: skip
+
+    def ack(self, lease_id: int) -> tuple[None, Freed]: ...
+
+    def nack(self, lease_id: int) -> tuple[None, Freed]: ...
+
+    def stats(self) -> tuple[dict[str, int], Freed]: ...
+
+    def taken(self, stage: str) -> tuple[dict[int, int], Freed]: ...
+
+    def state_dict(self) -> tuple[dict[str, Any], Freed]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[None, Freed]: ...
 
     def close(self) -> None: ...
 
 
 class LocalControl:
-    """Controller in this process; requests go through the same checked dispatch as the socket."""
+    """Controller in this process: each call is the controller's method, with this client's
+    consumer and rank; arguments are not encoded, nor checked against the socket's table."""
 
     _ids = itertools.count(1)
 
@@ -33,10 +74,61 @@ class LocalControl:
         self.consumer = f"r{rank}l{next(LocalControl._ids)}"
         self.session = controller.session
 
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
+    def _open(self) -> Controller:
         self.controller.check_open()  # the host is shutting down: as a dropped connection
-        result = dispatch(self.controller, self.consumer, self.rank, op, args)
+        return self.controller
+
+    def _reply(self, result: T) -> tuple[T, Freed]:
+        """The freed list rides on every answer, as on every reply over the socket."""
         return result, self.controller.take_freed(self.rank)
+
+    def reserve(self, num_rows: int, step: int, group_ids: list[int] | None,
+                timeout_s: float) -> tuple[list[int], Freed]:  # fmt: skip
+        return self._reply(self._open().reserve(self.consumer, num_rows, step, group_ids,
+                                                timeout_s))  # fmt: skip
+
+    def commit(self, row_ids: list[int], columns: list[str], slots: list[int],
+               policy_versions: list[int] | None, num_tokens: list[int] | None,
+               ack_lease: int | None) -> tuple[None, Freed]:  # fmt: skip
+        return self._reply(self._open().commit(self.consumer, self.rank, row_ids, columns, slots,
+                                               policy_versions, num_tokens, ack_lease))  # fmt: skip
+
+    def release(self, row_ids: list[int]) -> tuple[None, Freed]:
+        return self._reply(self._open().release(row_ids))
+
+    def take_freed(self) -> tuple[None, Freed]:
+        self._open()
+        return self._reply(None)
+
+    def get(self, stage: str, batch_size: int, timeout_s: float | None, sampler: Sampler,
+            min_rows: int, columns: list[str] | None) -> tuple[Grant, Freed]:  # fmt: skip
+        return self._reply(self._open().get(self.consumer, stage, batch_size, timeout_s, sampler,
+                                            min_rows, columns))  # fmt: skip
+
+    def get_balanced(self, stage: str, dp_rank: int, dp_size: int, batch_size: int,
+                     timeout_s: float | None, sampler: Sampler, min_rows: int,
+                     columns: list[str] | None) -> tuple[Grant, Freed]:  # fmt: skip
+        return self._reply(self._open().get_balanced(self.consumer, stage, dp_rank, dp_size,
+                                                     batch_size, timeout_s, sampler, min_rows,
+                                                     columns))  # fmt: skip
+
+    def ack(self, lease_id: int) -> tuple[None, Freed]:
+        return self._reply(self._open().ack(lease_id))
+
+    def nack(self, lease_id: int) -> tuple[None, Freed]:
+        return self._reply(self._open().nack(lease_id))
+
+    def stats(self) -> tuple[dict[str, int], Freed]:
+        return self._reply(self._open().stats())
+
+    def taken(self, stage: str) -> tuple[dict[int, int], Freed]:
+        return self._reply(self._open().taken(stage))
+
+    def state_dict(self) -> tuple[dict[str, Any], Freed]:
+        return self._reply(self._open().state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[None, Freed]:
+        return self._reply(self._open().load_state_dict(state))
 
     def close(self) -> None:
         self.controller.expire_consumer(self.consumer)
@@ -72,7 +164,8 @@ class RemoteControl:
             self._all.append(sock)
         return sock
 
-    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, list[tuple[int, int]]]:
+    def call(self, op: str, args: dict[str, Any]) -> tuple[Any, Freed]:
+        """One request by name (`server.dispatch`); the JSON result and the freed rows."""
         with self._lock:
             sock = self._idle.pop() if self._idle else None
         if sock is None:
@@ -91,6 +184,62 @@ class RemoteControl:
                    "TypeError": TypeError}.get(reply["error"], RuntimeError)  # fmt: skip
             raise exc(reply["message"])
         return reply["result"], [(int(s), int(r)) for s, r in reply["freed"]]
+
+    def reserve(self, num_rows: int, step: int, group_ids: list[int] | None,
+                timeout_s: float) -> tuple[list[int], Freed]:  # fmt: skip
+        return self.call("reserve", {"num_rows": num_rows, "step": step, "group_ids": group_ids,
+                                     "timeout_s": timeout_s})  # fmt: skip
+
+    def commit(self, row_ids: list[int], columns: list[str], slots: list[int],
+               policy_versions: list[int] | None, num_tokens: list[int] | None,
+               ack_lease: int | None) -> tuple[None, Freed]:  # fmt: skip
+        return self.call("commit", {"row_ids": row_ids, "columns": columns, "slots": slots,
+                                    "policy_versions": policy_versions, "num_tokens": num_tokens,
+                                    "ack_lease": ack_lease})  # fmt: skip
+
+    def release(self, row_ids: list[int]) -> tuple[None, Freed]:
+        return self.call("release", {"row_ids": row_ids})
+
+    def take_freed(self) -> tuple[None, Freed]:
+        _, freed = self.call("take_freed", {})
+        return None, freed
+
+    def get(self, stage: str, batch_size: int, timeout_s: float | None, sampler: Sampler,
+            min_rows: int, columns: list[str] | None) -> tuple[Grant, Freed]:  # fmt: skip
+        wire, freed = self.call("get", {
+            "stage": stage, "batch_size": batch_size, "timeout_s": timeout_s,
+            "sampler": sampler.to_dict(), "min_rows": min_rows, "columns": columns,
+        })  # fmt: skip
+        return Grant.from_wire(wire), freed
+
+    def get_balanced(self, stage: str, dp_rank: int, dp_size: int, batch_size: int,
+                     timeout_s: float | None, sampler: Sampler, min_rows: int,
+                     columns: list[str] | None) -> tuple[Grant, Freed]:  # fmt: skip
+        wire, freed = self.call("get_balanced", {
+            "stage": stage, "dp_rank": dp_rank, "dp_size": dp_size, "batch_size": batch_size,
+            "timeout_s": timeout_s, "sampler": sampler.to_dict(), "min_rows": min_rows,
+            "columns": columns,
+        })  # fmt: skip
+        return Grant.from_wire(wire), freed
+
+    def ack(self, lease_id: int) -> tuple[None, Freed]:
+        return self.call("ack", {"lease_id": lease_id})
+
+    def nack(self, lease_id: int) -> tuple[None, Freed]:
+        return self.call("nack", {"lease_id": lease_id})
+
+    def stats(self) -> tuple[dict[str, int], Freed]:
+        return self.call("stats", {})
+
+    def taken(self, stage: str) -> tuple[dict[int, int], Freed]:
+        pairs, freed = self.call("taken", {"stage": stage})
+        return {int(k): int(v) for k, v in pairs}, freed
+
+    def state_dict(self) -> tuple[dict[str, Any], Freed]:
+        return self.call("state_dict", {})
+
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[None, Freed]:
+        return self.call("load_state_dict", {"state": state})
 
     def close(self) -> None:
         with self._lock:

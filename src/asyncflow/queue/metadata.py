@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 UNKNOWN_VERSION = -1
-"""`policy_version` of rows no policy has produced yet (prompts); never filtered as stale."""
+"""`policy_version` of rows no policy has produced yet (prompts)."""
 
 
 @dataclass(slots=True)
@@ -65,10 +65,8 @@ class Grant:
                 "locations": locs, "exhausted": self.exhausted}  # fmt: skip
 
     @staticmethod
-    def from_wire(d: dict[str, Any] | Grant) -> Grant:
-        """Decode a socket reply; the in-process control plane hands over the Grant itself."""
-        if isinstance(d, Grant):
-            return d
+    def from_wire(d: dict[str, Any]) -> Grant:
+        """Decode a socket reply (`to_wire`)."""
         locs: dict[str, tuple[list[int], list[int]]] = {}
         for col, loc in d["locations"].items():
             locs[col] = locs[loc] if isinstance(loc, str) else (unpack_ints(loc[0]),

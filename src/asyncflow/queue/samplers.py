@@ -9,29 +9,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-
-@dataclass
-class StageState:
-    """Incremental indexes of one stage: rows ready for it and not yet leased or consumed."""
-
-    index: int
-    name: str
-    needs_mask: int
-    cond: threading.Condition
-    group_size: int = 1
-    """Rows per group; 1 = no group index is kept (every ready row is a whole group)."""
-    ready: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    by_step: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
-    by_version: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
-    group_ready: dict[int, int] = field(default_factory=dict)
-    complete_groups: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    taken_by_step: dict[int, int] = field(default_factory=dict)
-    """Rows of each step that this stage holds a lease on or has consumed."""
+from asyncflow.queue.ready import StageState
 
 
 class Sampler(Protocol):
@@ -116,6 +97,8 @@ class StepSampler:
         return {"kind": "step", "step": self.step}
 
     def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        if not isinstance(self.step, int):
+            raise ValueError(f"StepSampler needs an integer step, got {self.step!r}")
         if rows_per_step <= 0:
             raise ValueError("StepSampler needs QueueConfig.rows_per_step > 0 (rows in one step)")
 
@@ -142,6 +125,10 @@ class GroupRangeSampler:
         return {"kind": "groups", "first": self.first, "end": self.end}
 
     def check(self, group_size: int, rows_per_step: int, batch_size: int) -> None:
+        if not (isinstance(self.first, int) and isinstance(self.end, int)
+                and self.first < self.end):
+            raise ValueError(f"GroupRangeSampler needs integers first < end, got "
+                             f"[{self.first!r}, {self.end!r})")
         if group_size == 1:
             raise ValueError("GroupRangeSampler needs QueueConfig.group_size > 1")
         if (self.end - self.first) * group_size > batch_size:

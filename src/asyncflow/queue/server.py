@@ -38,7 +38,6 @@ _GET = {
     "sampler": (_D,),
     "min_rows": (_I,),
     "columns": (_L, _OPT),
-    "min_policy_version": (_I, _OPT),
 }
 # op -> {arg name: allowed JSON types}
 _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
@@ -58,7 +57,6 @@ _SIGNATURES: dict[str, dict[str, tuple[type, ...]]] = {
         "ack_lease": (_I, _OPT),
     },  # fmt: skip
     "get": _GET,
-    "get_many": {**_GET, "count": (_I,)},
     "get_balanced": {**_GET, "dp_rank": (_I,), "dp_size": (_I,)},
     "release": {"row_ids": (_L,)},
     "ack": {"lease_id": (_I,)},
@@ -85,9 +83,9 @@ def check_args(op: str, args: dict[str, Any]) -> None:
 
 
 def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str, Any]) -> Any:
-    """Run one checked request against the controller; the result is JSON-serialisable, except
-    the `Grant`s of the get ops, which the socket handler encodes (an in-process caller takes
-    them as they are)."""
+    """Run one checked request of the socket against the controller (an in-process client calls
+    the controller's methods itself); the result is JSON-serialisable, except the `Grant` of the
+    get ops, which the socket handler encodes."""
     check_args(op, args)
     if op == "hello":
         return {"session": ctl.session, "capacity_rows": ctl.cfg.capacity_rows}
@@ -97,10 +95,9 @@ def dispatch(ctl: Controller, consumer: str, rank: int, op: str, args: dict[str,
         return ctl.commit(consumer, rank, **args)
     if op == "release":
         return ctl.release(**args)
-    if op in ("get", "get_many", "get_balanced"):
+    if op in ("get", "get_balanced"):
         args = dict(args, sampler=sampler_from_dict(args["sampler"]))
-        fn: Callable[..., Any] = {"get": ctl.get, "get_many": ctl.get_many,
-                                  "get_balanced": ctl.get_balanced}[op]  # fmt: skip
+        fn: Callable[..., Any] = ctl.get if op == "get" else ctl.get_balanced
         return fn(consumer, **args)
     if op == "ack":
         return ctl.ack(**args)
@@ -226,29 +223,7 @@ class ControllerServer:
                 body = recv_body(conn)
                 if body is None:
                     break
-                msg: Any = None
-                try:
-                    msg = decode(body)
-                    if not isinstance(msg, dict) or not isinstance(msg.get("args"), dict):
-                        raise ValueError("request must be {'op': str, 'args': {...}}")
-                    result = dispatch(
-                        self.controller, consumer, rank, str(msg.get("op")), msg["args"]
-                    )
-                    if isinstance(result, Grant):
-                        result = result.to_wire()
-                    elif isinstance(result, list) and result and isinstance(result[0], Grant):
-                        result = [g.to_wire() for g in result]
-                    freed = self.controller.take_freed(rank)  # tuples: JSON arrays
-                    reply = {"ok": True, "result": result, "freed": freed}
-                except (ValueError, TypeError, TimeoutError) as e:
-                    reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
-                except OSError:  # the controller or this connection closed: handled below
-                    raise
-                except Exception as e:  # a bug: answer it, keep the connection and its leases
-                    logger.exception("queue request %r of %s failed", msg.get("op"), consumer)
-                    reply = {"ok": False, "error": "RuntimeError",
-                             "message": f"queue controller: {type(e).__name__}: {e}"}  # fmt: skip
-                send_frame(conn, reply)
+                send_frame(conn, self._answer(consumer, rank, body))
         except (OSError, ValueError) as e:  # gone, or a frame that cannot be followed
             logger.warning("queue connection %s dropped: %s", consumer, e)
         finally:
@@ -257,6 +232,28 @@ class ControllerServer:
                 self._conns.pop(cid, None)
             if not self._closed:
                 self.controller.expire_consumer(consumer)
+
+    def _answer(self, consumer: str, rank: int, body: bytes) -> dict[str, Any]:
+        """The reply to one request: its result and the rank's freed rows, or the error. An
+        OSError (the controller or this connection closed) propagates to the connection loop."""
+        msg: Any = None
+        try:
+            msg = decode(body)
+            if not isinstance(msg, dict) or not isinstance(msg.get("args"), dict):
+                raise ValueError("request must be {'op': str, 'args': {...}}")
+            result = dispatch(self.controller, consumer, rank, str(msg.get("op")), msg["args"])
+            if isinstance(result, Grant):
+                result = result.to_wire()
+            freed = self.controller.take_freed(rank)  # tuples: JSON arrays
+            return {"ok": True, "result": result, "freed": freed}
+        except (ValueError, TypeError, TimeoutError) as e:
+            return {"ok": False, "error": type(e).__name__, "message": str(e)}
+        except OSError:
+            raise
+        except Exception as e:  # a bug: answer it, keep the connection and its leases
+            logger.exception("queue request %r of %s failed", msg.get("op"), consumer)
+            return {"ok": False, "error": "RuntimeError",
+                    "message": f"queue controller: {type(e).__name__}: {e}"}  # fmt: skip
 
     def close(self) -> None:
         """Stop accepting, close every connection, remove this session's slab files left on this

@@ -1,8 +1,8 @@
 """Data plane: how a consumer pulls the columns it was granted from the rank that owns them.
 
 Three implementations of `Transport.start(owner, requests)`, one call per (owner, micro-batch).
-Fetches are split-phase (`start` returns a `Pending`), so a prefetching consumer keeps several
-transfers in flight.
+Fetches are split-phase (`start` returns a `Pending`), so a batch whose rows live on several owners
+is pulled from all of them at once.
 - `LocalTransport`: the owner is this process; reads its storage directly (views where possible).
 - `ShmTransport`: the owner is on this host; maps its /dev/shm slabs and gathers, no message at all.
 - `DistTransport`: torch.distributed point-to-point on a dedicated group. The consumer sends one
