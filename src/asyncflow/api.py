@@ -28,17 +28,21 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncflow.config import Config, ConfigError, load_config
 
 __all__ = ["train", "load_config"]
 
+if TYPE_CHECKING:
+    from asyncflow.pipeline.stage import StageDecl
+
 
 def train(config: Config | Sequence[str] | None = None, *, task: Any = None,
           reward: str | Callable | Sequence[str | Callable] | None = None,
           reward_weights: Sequence[float] | None = None,
-          config_dir: str | Path | None = None) -> Path:
+          config_dir: str | Path | None = None,
+          stages: Sequence[StageDecl] = ()) -> Path:
     """Run one RL job on this rank and return its run directory.
 
     `config`: a Config, or Hydra overrides of the packaged default (`["pipeline.num_steps=50"]`).
@@ -46,6 +50,8 @@ def train(config: Config | Sequence[str] | None = None, *, task: Any = None,
     `reward`: a reward spec (`"math"`, `"pkg.mod:fn"`), a top-level function
     `fn(completion, answer, data) -> float`, or a list of them (`reward_weights` weighs them);
     it sets the task's `reward` field, which the task must have (`task=dataset` has).
+    `stages`: stages of your own (`StageDecl`, or `map_stage(...)` for a per-batch function),
+    run before the train mesh's stages; the queue gains the columns they produce.
     """
     from asyncflow.pipeline.runner import run
 
@@ -64,7 +70,7 @@ def train(config: Config | Sequence[str] | None = None, *, task: Any = None,
             cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **fields))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return run(cfg)
+    return run(cfg, list(stages))
 
 
 def _spec(reward: str | Callable) -> str:

@@ -1,4 +1,4 @@
-"""A user's launcher for a task defined outside asyncflow (DESIGN.md section 12):
+"""A user's launcher for a task defined outside asyncflow:
 
     torchrun --nproc_per_node=2 -m tests.e2e.faulty_run task=faulty_addition [overrides]
 """

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from tests.data import addition_jsonl
+
 SCRIPT = '''
 import sys
 import asyncflow
@@ -28,11 +30,7 @@ if __name__ == "__main__":
 
 
 def test_a_script_trains_with_its_own_reward_function(tmp_path):
-    data = tmp_path / "add.jsonl"
-    with data.open("w") as f:
-        for i in range(200):
-            a, b = (i * 37) % 1000, (i * 91 + 5) % 1000
-            f.write(json.dumps({"prompt": f"{a:03d}+{b:03d}=", "answer": f"{a + b:04d}"}) + "\n")
+    data = addition_jsonl(tmp_path / "add.jsonl", 200)
     script = tmp_path / "train_mine.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}

@@ -1,5 +1,5 @@
 """A faulty reward function costs its row (or, under drop_group, its group), never the run: the
-reward and advantage stages over a real in-process queue, with a recorder writing to a list."""
+reward and advantage stages over a real in-process queue, reading the metrics they return."""
 
 import logging
 import math
@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
-from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.stages import AdvantageStage, RewardStage, StepShape
 from asyncflow.queue import ColumnSpec, Controller, QueueConfig, StageSpec, connect
 from asyncflow.tasks.tiny import build_char_tokenizer
 from tests.faulty_tasks import ScriptedTask
-from tests.recording import ListSink
 
 N = 2  # rows per group; the first completion of a group is right, the second wrong
 TIMEOUT_S = 0.5
@@ -36,21 +34,19 @@ def _run_step(script: tuple[str, ...], on_failure: str):
     q.put({"response_ids": responses, "finished": torch.ones(P * N, dtype=torch.long),
            "uid": torch.arange(P).repeat_interleave(N)}, step=0,
           group_ids=[g for g in range(P) for _ in range(N)])
-    sink = ListSink()
-    recorder = StepRecorder(["reward", "advantage"], None, [sink])
     shape = StepShape(P, N, num_steps=1, max_staleness=0, timeout_s=5.0, chunk_rows=N)
-    stage = RewardStage(q, ScriptedTask(script), tok, shape, recorder, TIMEOUT_S, on_failure)
+    stage = RewardStage(q, ScriptedTask(script), tok, shape, TIMEOUT_S, on_failure)
     try:
-        stage.run_step(0)
+        metrics = stage.run_step(0)
     finally:
         stage.close()
-    AdvantageStage(q, shape, recorder, "mean", normalize_std=True).run_step(0)
+    metrics.merge(AdvantageStage(q, shape, "mean", normalize_std=True).run_step(0))
     batch = q.get("train", P * N, timeout_s=1.0)
     by_row = {r: i for i, r in enumerate(batch.row_ids)}
     rewards = [batch.columns["reward"][by_row[r]].item() for r in range(P * N)]
     advantages = [batch.columns["advantage"][by_row[r]].item() for r in range(P * N)]
     q.close()
-    return sink.records[0], rewards, advantages
+    return metrics.values(0), rewards, advantages
 
 
 def test_each_faulty_reward_is_a_counted_failure_logged_with_its_row_and_zero_reward(caplog):

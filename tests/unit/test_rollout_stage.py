@@ -6,10 +6,8 @@ import torch
 
 from asyncflow.engines import SamplingParams, TorchEngineConfig, TorchRolloutEngine
 from asyncflow.models import ModelConfig, build_model
-from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.stages import RolloutStage, StepShape, VersionGate
 from asyncflow.queue import ColumnSpec, Controller, QueueConfig, StageSpec, connect
-from tests.recording import ListSink
 
 P, N, VOCAB = 2, 2, 24
 
@@ -32,32 +30,30 @@ def _stage(sampling: SamplingParams):
         tie_word_embeddings=True, max_position_embeddings=32, eos_token_id=2)))
     model.init_weights(seed=0)
     engine = TorchRolloutEngine(model, TorchEngineConfig(max_batch_size=8, max_seq_len=32))
-    sink = ListSink()
     shape = StepShape(P, N, num_steps=1, max_staleness=0, timeout_s=5.0, chunk_rows=N)
     stage = RolloutStage(q, engine, VersionGate(engine, 0), sampling, shape,
-                         StepRecorder(["rollout"], None, [sink]), seed=0, batch_size=P * N)
-    return stage, q, sink
+                         seed=0, batch_size=P * N)
+    return stage, q
 
 
 def test_a_step_the_engine_generates_is_put_onward_and_truncation_is_counted():
-    stage, q, sink = _stage(SamplingParams(max_new_tokens=4, temperature=1.0))
-    stage.run_step(0)
+    stage, q = _stage(SamplingParams(max_new_tokens=4, temperature=1.0))
+    metrics = stage.run_step(0).values()
     batch = q.get("reward", P * N, timeout_s=1.0)
-    assert len(batch) == P * N and sink.records[0]["rollout/errors"] == 0
+    assert len(batch) == P * N and metrics["rollout/errors"] == 0
     lengths = batch.columns["response_ids"].lengths
     stopped = batch.columns["finished"].bool()  # ended with EOS; the rest hit max_new_tokens
     assert bool((lengths[~stopped] == 4).all())
-    assert sink.records[0]["response/truncated_frac"] == (~stopped).sum().item() / (P * N)
+    assert metrics["response/truncated_frac"] == (~stopped).sum().item() / (P * N)
 
 
 def test_every_row_cut_at_max_new_tokens_is_counted_as_truncated():
-    stage, _, sink = _stage(SamplingParams(max_new_tokens=3, ignore_eos=True))
-    stage.run_step(0)
-    assert sink.records[0]["response/truncated_frac"] == 1.0
+    stage, _ = _stage(SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert stage.run_step(0).values()["response/truncated_frac"] == 1.0
 
 
 def test_a_step_whose_every_row_is_refused_fails_the_run():
     # a stop token outside the vocabulary: the engine refuses each request on its own
-    stage, _, _ = _stage(SamplingParams(max_new_tokens=4, stop_token_ids=[VOCAB + 5]))
+    stage, _ = _stage(SamplingParams(max_new_tokens=4, stop_token_ids=[VOCAB + 5]))
     with pytest.raises(RuntimeError, match="refused all 4 rows of step 0"):
         stage.run_step(0)

@@ -68,6 +68,13 @@ class Meshes:
     """The rollout ranks (data-parallel generation)."""
     sync_group: dist.ProcessGroup | None
     """Train rank 0 plus every rollout rank: the weight broadcast."""
+    metrics_group: dist.ProcessGroup | None = None
+    """Every rank, gloo: per-step metrics to rank 0."""
+    reference_group: dist.ProcessGroup | None = None
+    """The train ranks again, for the reference stage's collectives (only with KL): its thread
+    runs beside the train stage's, and two threads must not share a group."""
+    data_group: dist.ProcessGroup | None = None
+    """Every rank, gloo: the queue's data plane with transport='dist'."""
 
     @property
     def is_rollout(self) -> bool:
@@ -109,18 +116,25 @@ def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_meshes(cfg: PlacementConfig, timeout_s: float, device: torch.device) -> Meshes:
+def build_meshes(cfg: PlacementConfig, timeout_s: float, device: torch.device,
+                 reference: bool = False, data_plane: bool = False) -> Meshes:
+    """Every process group of a run, made here and only here: same groups, same order, on every
+    rank. `reference`: a group for the reference stage; `data_plane`: one for the queue."""
     rank, world = dist.get_rank(), dist.get_world_size()
     rollout, train = cfg.resolve(world)
     timeout = timedelta(seconds=timeout_s)
-    # Same groups, same order, on every rank.
     train_group = dist.new_group(train, timeout=timeout)
     rollout_group = dist.new_group(rollout, timeout=timeout)
     sync_ranks = sorted({train[0], *rollout})
     sync_group = dist.new_group(sync_ranks, timeout=timeout)
+    everyone = list(range(world))
+    metrics_group = dist.new_group(everyone, timeout=timeout, backend="gloo")
+    reference_group = dist.new_group(train, timeout=timeout) if reference else None
+    data_group = dist.new_group(everyone, timeout=timeout, backend="gloo") if data_plane else None
     train_mesh = DeviceMesh.from_group(train_group, device.type) if rank in train else None
     meshes = Meshes(rank, world, rollout, train, device, train_mesh,
                     rollout_group if rank in rollout else None,
-                    sync_group if rank in sync_ranks else None)
+                    sync_group if rank in sync_ranks else None, metrics_group,
+                    reference_group if rank in train else None, data_group)
     logger.info("placement %s: rollout ranks %s, train ranks %s", cfg.kind, rollout, train)
     return meshes

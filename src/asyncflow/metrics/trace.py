@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 STAGE_TIDS = {"prompts": 0, "eval": 1, "rollout": 2, "reward": 3, "weights": 4, "advantage": 5,
@@ -25,21 +24,14 @@ class Tracer:
         self._lock = threading.Lock()
         self._t0_us = time.time_ns() // 1000  # wall clock: comparable across ranks on one host
 
-    @contextmanager
-    def span(self, name: str, stage: str, **args):
-        if not self.enabled:
-            yield
+    def add(self, spans: list[tuple[str, str, int, int, dict]]) -> None:
+        """Spans measured elsewhere: (name, stage, start_us, end_us, args), wall clock."""
+        if not self.enabled or not spans:
             return
-        start = time.time_ns() // 1000
-        try:
-            yield
-        finally:
-            end = time.time_ns() // 1000
-            with self._lock:
-                self.events.append({"name": name, "cat": stage, "ph": "X", "ts": start,
-                                    "dur": end - start, "pid": self.rank,
-                                    "tid": STAGE_TIDS.get(stage, len(STAGE_TIDS)),
-                                    "args": args})
+        with self._lock:
+            self.events += [{"name": n, "cat": st, "ph": "X", "ts": a, "dur": b - a,
+                             "pid": self.rank, "tid": STAGE_TIDS.get(st, len(STAGE_TIDS)),
+                             "args": args} for n, st, a, b, args in spans]
 
     def write(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

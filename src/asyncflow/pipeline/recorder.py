@@ -1,7 +1,7 @@
 """Per-step metrics from every rank, merged on rank 0 and written to the sinks in step order.
 
-Stages record values for the step they worked on (`mean`, `total`, `max`, `set`) and call
-`stage_done(step)`. Once every stage of this rank is done with a step, its partial record (sums
+The schedule adds what each stage's `run_step` returned (`add`; `mean`, `total`, `max`, `set`
+record single values) and then calls `stage_done(stage, step)`. Once every stage of this rank is done with a step, its partial record (sums
 and weights, so merging is exact) goes to rank 0 as JSON bytes over gloo point-to-point on a
 dedicated group (tag 1: length, tag 2: payload; never pickle). Rank 0 writes a step's line when
 every rank has reported it, or when the ranks have all finished.
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,24 +20,11 @@ import torch.distributed as dist
 from asyncflow.log import get_logger
 from asyncflow.metrics import MetricSink
 from asyncflow.metrics.trace import Tracer
+from asyncflow.pipeline.stage import Metrics, final_values, merge_entries
 
 logger = get_logger(__name__)
 
 _LEN_TAG, _DATA_TAG = 1, 2
-
-
-def _merge(into: dict[str, list], part: dict[str, list]) -> None:
-    """Entries are [kind, a, b]: mean -> (sum, weight); total -> (sum, _); max; set."""
-    for name, (kind, a, b) in part.items():
-        if name not in into:
-            into[name] = [kind, a, b]
-        elif kind in ("mean", "total"):
-            into[name][1] += a
-            into[name][2] += b
-        elif kind == "max":
-            into[name][1] = max(into[name][1], a)
-        else:
-            into[name][1] = a
 
 
 ROLLOUT_WORK = ("rollout", "reward", "advantage", "eval")
@@ -47,9 +32,7 @@ TRAIN_WORK = ("train", "reference")
 
 
 def _finalise(entries: dict[str, list], mesh_sizes: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, (kind, a, b) in entries.items():
-        out[name] = a / b if kind == "mean" and b else (a if kind != "mean" else None)
+    out = final_values(entries)
     period = out.get("perf/step_time_s")
     if period:
         if "rollout/generated_tokens" in out:
@@ -103,7 +86,7 @@ class StepRecorder:
         if step < self.start_step:
             return
         with self._lock:
-            _merge(self._local[step], {name: [kind, float(a), float(b)]})
+            merge_entries(self._local[step], {name: [kind, float(a), float(b)]})
 
     def mean(self, step: int, name: str, value: float, weight: float = 1.0) -> None:
         self._put(step, name, "mean", value * weight, weight)
@@ -117,19 +100,13 @@ class StepRecorder:
     def set(self, step: int, name: str, value: float) -> None:
         self._put(step, name, "set", value)
 
-    @contextmanager
-    def span(self, step: int, stage: str, name: str):
-        """Time a piece of work: a trace span, and `time/<stage>_s` summed over the step (the
-        busy time that idle fractions are computed from)."""
-        t0 = time.perf_counter()
-        with self.tracer.span(name, stage, step=step):
-            yield
-        self.total(step, f"time/{stage}_s", time.perf_counter() - t0)
-
-    def record(self, step: int, metrics: dict[str, float]) -> None:
-        """Values that are already per-step figures (e.g. a train step's grad norm)."""
-        for k, v in metrics.items():
-            self.set(step, k, v)
+    def add(self, metrics: Metrics) -> None:
+        """A stage's returned measurements (values by step, trace spans)."""
+        with self._lock:
+            for step, part in metrics.entries.items():
+                if step >= self.start_step:
+                    merge_entries(self._local[step], part)
+        self.tracer.add(metrics.spans)
 
     def stage_done(self, stage: str, step: int) -> None:
         if step < self.start_step:
@@ -166,7 +143,7 @@ class StepRecorder:
             if msg.get("finished"):
                 self._finished_ranks.add(src)
             else:
-                _merge(self._merged[msg["step"]], msg["part"])
+                merge_entries(self._merged[msg["step"]], msg["part"])
                 self._reported[msg["step"]].add(src)
             self._write_ready(final=False)
 

@@ -9,10 +9,10 @@
    | optimizer step -> weight sync -> rollout engines (commit = new policy version)
 ```
 
-Every stage is `run_step(step)`: it returns once it has done its share of that step, so the same
-objects run threaded (split placement: overlap) or one after another (colocated: time-sliced).
-No stage calls another; the readiness of columns in the queue is the only coupling. Each
-`run_step` records its metrics for the step and calls `recorder.stage_done`.
+Every stage is `run_step(step) -> Metrics`: it returns once it has done its share of that step,
+so the same objects run threaded (split placement: overlap) or one after another (colocated:
+time-sliced). No stage calls another; the readiness of columns in the queue is the only coupling.
+The graph that places them, and the queue columns they exchange, are declared in `graph.py`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from asyncflow.algorithms import group_advantages
 from asyncflow.engines import GenerationRequest, RolloutEngine, SamplingParams
 from asyncflow.log import get_logger
 from asyncflow.models import Tokenizer
-from asyncflow.pipeline.recorder import StepRecorder
 from asyncflow.pipeline.reward_worker import RewardItem, RewardOutcome, RewardWorker
+from asyncflow.pipeline.stage import Metrics, StageBase
 from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
 from asyncflow.tasks import Problem, Task, encode_problem, split_completion
 
@@ -95,17 +95,22 @@ def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s
         yield batch
 
 
-class PromptStage:
+class PromptStage(StageBase):
     """Puts the step's prompts (group_size rows each) as new rows; blocks while the queue is full.
 
     Prompt i of step s is train problem s * prompts_per_step + i: the data cursor is the step."""
 
     name = "prompts"
 
-    def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape):
+    def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape,
+                 first_step: int = 0):
         self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
+        self.first_step = first_step
+        """A resumed run's restored queue may hold prompts of later steps already."""
 
-    def run_step(self, step: int) -> None:
+    def run_step(self, step: int) -> Metrics:
+        if step < self.first_step:
+            return Metrics(self.name, step)
         N = self.shape.group_size
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
@@ -117,6 +122,7 @@ class PromptStage:
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
                    num_tokens=prompt_ids.lengths.tolist(),
                    timeout_s=self.shape.timeout_s * 10)
+        return Metrics(self.name, step)
 
 
 class VersionGate:
@@ -125,35 +131,45 @@ class VersionGate:
     def __init__(self, engine: RolloutEngine, max_staleness: int):
         self.engine, self.eta = engine, max_staleness
         self._cond = threading.Condition()
+        self._cancelled = False
 
     def notify(self) -> None:
         with self._cond:
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Wake every waiter with an error: the run is stopping."""
+        with self._cond:
+            self._cancelled = True
             self._cond.notify_all()
 
     def wait_for(self, version: int, timeout_s: float) -> float:
         """Block until the engine holds `version` or newer; returns seconds waited."""
         t0 = time.perf_counter()
         with self._cond:
-            if not self._cond.wait_for(lambda: self.engine.policy_version >= version, timeout_s):
+            if not self._cond.wait_for(lambda: self._cancelled or
+                                       self.engine.policy_version >= version, timeout_s):
                 raise stalled(f"rollout: waiting for policy version {version} (engine has "
                               f"{self.engine.policy_version})", timeout_s)
+            if self.engine.policy_version < version:
+                raise RuntimeError("rollout: the run is stopping")
         return time.perf_counter() - t0
 
 
-class RolloutStage:
+class RolloutStage(StageBase):
     """Generates every row of the step it is allowed to start, putting finished groups onward."""
 
     name = "rollout"
 
     def __init__(self, q: QueueClient, engine: RolloutEngine, gate: VersionGate,
-                 sampling: SamplingParams, shape: StepShape, recorder: StepRecorder, seed: int,
-                 batch_size: int):
+                 sampling: SamplingParams, shape: StepShape, seed: int, batch_size: int):
         self.q, self.engine, self.gate, self.sampling = q, engine, gate, sampling
-        self.shape, self.rec, self.seed = shape, recorder, seed
+        self.shape, self.seed = shape, seed
         self.batch_size = batch_size  # rows per get: this rank's share, so rollout ranks split work
 
-    def run_step(self, step: int) -> None:
-        with self.rec.tracer.span("wait_version", "rollout", step=step):
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
+        with m.trace("wait_version"):
             wait_s = self.gate.wait_for(step - self.shape.max_staleness, self.shape.timeout_s)
         t0 = time.perf_counter()
         counts = [0, 0, 0, 0, 0]  # rows, tokens, engine errors, rows spanning a commit, truncated
@@ -169,7 +185,7 @@ class RolloutStage:
                 pending[g] = pending.get(g, 0) + 1
             group_of = dict(zip(batch.row_ids, batch.group_ids, strict=True))
             prompt_len = dict(zip(batch.row_ids, (len(p) for p in prompts), strict=True))
-            with self.rec.span(step, self.name, "generate"):
+            with m.span("generate"):
                 self._generate(batch, requests, pending, group_of, prompt_len, counts)
             self.q.ack(batch)
         num_rows, num_tokens, num_errors, num_spanning, num_truncated = counts
@@ -177,16 +193,16 @@ class RolloutStage:
             raise RuntimeError(f"rollout: the engine refused all {num_rows} rows of step {step} "
                                "(reasons above); the run would train nothing")
         gen_s = time.perf_counter() - t0
-        self.rec.total(step, "rollout/gen_time_s", gen_s)
-        self.rec.total(step, "rollout/gate_wait_s", wait_s)
-        self.rec.total(step, "rollout/generated_tokens", num_tokens)
-        self.rec.total(step, "rollout/errors", num_errors)
+        m.total("rollout/gen_time_s", gen_s)
+        m.total("rollout/gate_wait_s", wait_s)
+        m.total("rollout/generated_tokens", num_tokens)
+        m.total("rollout/errors", num_errors)
         # new weights arrived while these rows were generating, and generation went on
-        self.rec.total(step, "rollout/rows_spanning_versions", num_spanning)
-        self.rec.mean(step, "response/length_mean", num_tokens / max(num_rows, 1), num_rows)
+        m.total("rollout/rows_spanning_versions", num_spanning)
+        m.mean("response/length_mean", num_tokens / max(num_rows, 1), num_rows)
         # stopped by max_new_tokens (or the context window) before EOS: raise the limit if high
-        self.rec.mean(step, "response/truncated_frac", num_truncated / max(num_rows, 1), num_rows)
-        self.rec.stage_done(self.name, step)
+        m.mean("response/truncated_frac", num_truncated / max(num_rows, 1), num_rows)
+        return m
 
     def _generate(self, batch: Batch, requests, pending, group_of, prompt_len,
                   counts: list[int]) -> None:
@@ -246,12 +262,73 @@ def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
         sum(o.value is None for o in outcomes)
 
 
+class EvalStage(StageBase):
+    """Held-out greedy accuracy every `every` steps and after the last, on the first rollout
+    rank's main thread, before that step's rollout. It uses the weights rollout of the step may
+    use (version >= step - eta; the last version after the last step) and holds `commit_lock` so no new version lands mid-evaluation.
+    Its own reward worker: the reward thread keeps scoring meanwhile."""
+
+    name = "eval"
+
+    def __init__(self, engine: RolloutEngine, gate: VersionGate, commit_lock: threading.Lock,
+                 task: Task, tokenizer: Tokenizer, shape: StepShape, every: int, size: int,
+                 max_new_tokens: int, reward_timeout_s: float):
+        self.engine, self.gate, self.commit_lock, self.shape = engine, gate, commit_lock, shape
+        self.tok, self.every, self.max_new_tokens = tokenizer, every, max_new_tokens
+        self.problems = task.heldout_problems()[:size]
+        self.scorer = RewardWorker(task, reward_timeout_s)
+
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
+        if step % self.every and step != self.shape.num_steps:
+            return m
+        last = step == self.shape.num_steps  # the final evaluation: the final weights
+        self.gate.wait_for(step if last else step - self.shape.max_staleness,
+                           self.shape.timeout_s)
+        with self.commit_lock, m.span("eval"):
+            acc, failures = evaluate(self.engine, self.scorer, self.tok, self.problems,
+                                     self.max_new_tokens)
+        m.set("eval/accuracy", acc)
+        m.set("eval/reward_failures", failures)
+        m.set("eval/policy_version", self.engine.policy_version)
+        return m
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+class WeightReceiveStage(StageBase):
+    """Split placement: receives each new policy version from the train mesh into the engine
+    (under `commit_lock`) and wakes the gate. Step s ends once the engine holds version s + 1;
+    a resumed run first receives the restored weights."""
+
+    name = "weights"
+
+    def __init__(self, engine: RolloutEngine, gate: VersionGate, commit_lock: threading.Lock,
+                 sync):
+        self.engine, self.gate, self.commit_lock, self.sync = engine, gate, commit_lock, sync
+
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
+        while self.engine.policy_version < step + 1:
+            stall0 = self.engine.health().commit_stall_s
+            t0 = time.perf_counter()
+            with m.trace("weight_recv"):
+                version = self.sync.receive(self.engine, self.commit_lock)
+            self.gate.notify()
+            m.record({"weights/recv_s": time.perf_counter() - t0,
+                      # generation stood still for the swap (and KV recompute): exposed sync
+                      "weights/exposed_s": self.engine.health().commit_stall_s - stall0},
+                     step=version - 1)
+        return m
+
+
 FAILED_REWARD = {"zero": 0.0, "drop_group": math.nan}
 """Reward a failed row gets, by `TaskConfig.on_reward_failure`; NaN makes the advantage stage
 zero the row's whole group."""
 
 
-class RewardStage:
+class RewardStage(StageBase):
     """Scores responses against the task's answers in an isolated worker process. A reward that
     raises, returns a non-finite number or a non-number, runs past `timeout_s` or kills its process
     costs that row a counted, logged failure, never the run; the row's reward is then
@@ -260,8 +337,8 @@ class RewardStage:
     name = "reward"
 
     def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape,
-                 recorder: StepRecorder, timeout_s: float = 10.0, on_failure: str = "zero"):
-        self.q, self.task, self.tok, self.shape, self.rec = q, task, tokenizer, shape, recorder
+                 timeout_s: float = 10.0, on_failure: str = "zero"):
+        self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
         self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         self.failed_reward = FAILED_REWARD[on_failure]
         self.worker = RewardWorker(task, timeout_s)
@@ -283,12 +360,13 @@ class RewardStage:
                 logger.warning("reward: row %d (problem %d) failed: %s", row, uid, o.error)
         return outcomes
 
-    def run_step(self, step: int) -> None:
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
         for batch in drain_step(self.q, self.name, step, self.shape.rows_per_step,
                                 self.shape.timeout_s, ["response_ids", "finished", "uid"],
                                 # a step smaller than a chunk is scored whole
                                 min_rows=min(self.shape.chunk_rows, self.shape.rows_per_step)):
-            with self.rec.span(step, self.name, "score"):
+            with m.span("score"):
                 outcomes = self.score(batch.row_ids, _id_lists(batch.columns["response_ids"]),
                                       [bool(f) for f in batch.columns["finished"].tolist()],
                                       batch.columns["uid"].tolist())
@@ -297,35 +375,33 @@ class RewardStage:
                            rows=batch.row_ids, ack=batch)  # ends the batch
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
-                    self.rec.mean(step, "reward/mean", r)
+                    m.mean("reward/mean", r)
             for o in outcomes:  # e.g. one part per reward function; scored rows only
                 for name, value in (o.parts or {}).items():
-                    self.rec.mean(step, f"reward/{name}", value)
-            self.rec.total(step, "reward/failures", sum(o.value is None for o in outcomes))
-            self.rec.total(step, "reward/timeouts", sum(o.timed_out for o in outcomes))
-        self.rec.stage_done(self.name, step)
+                    m.mean(f"reward/{name}", value)
+            m.total("reward/failures", sum(o.value is None for o in outcomes))
+            m.total("reward/timeouts", sum(o.timed_out for o in outcomes))
+        return m
 
     def close(self) -> None:
         self.worker.close()
 
 
-class AdvantageStage:
+class AdvantageStage(StageBase):
     """Group-relative advantages over whole groups (one instance in the job)."""
 
     name = "advantage"
 
-    def __init__(self, q: QueueClient, shape: StepShape, recorder: StepRecorder,
-                 baseline: str, normalize_std: bool):
-        self.q, self.shape, self.rec = q, shape, recorder
+    def __init__(self, q: QueueClient, shape: StepShape, baseline: str, normalize_std: bool,
+                 resumed: bool = False):
+        self.q, self.shape = q, shape
         self.baseline, self.normalize_std = baseline, normalize_std
-        self.groups_done: dict[int, int] = {}
-        """step -> groups done; a resumed run starts from the queue's count (`resume`)."""
+        self.groups_done: dict[int, int] = (
+            {s: n // shape.group_size for s, n in q.taken(self.name).items()} if resumed else {})
+        """step -> groups done; a resumed run starts from the restored queue's count."""
 
-    def resume(self) -> None:
-        self.groups_done = {s: n // self.shape.group_size
-                            for s, n in self.q.taken(self.name).items()}
-
-    def run_step(self, step: int) -> None:
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
         P, N = self.shape.prompts_per_step, self.shape.group_size
         while self.groups_done.get(step, 0) < P:
             left = (P - self.groups_done.get(step, 0)) * N
@@ -335,7 +411,7 @@ class AdvantageStage:
             if len(batch) == 0:
                 raise stalled(f"advantage: waiting for whole groups of step {step}",
                               self.shape.timeout_s)
-            with self.rec.span(step, self.name, "advantage"):
+            with m.span("advantage"):
                 order = sorted(range(len(batch)),
                                key=lambda i: (batch.group_ids[i], batch.row_ids[i]))
                 rewards_GN = batch.columns["reward"][order].view(-1, N)
@@ -349,6 +425,6 @@ class AdvantageStage:
             for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):
                 s = batch.steps[order[g * N]]
                 self.groups_done[s] = self.groups_done.get(s, 0) + 1
-                self.rec.mean(s, "advantage/flat_group_frac", float(flat))
-                self.rec.total(s, "reward/dropped_groups", float(dropped))
-        self.rec.stage_done(self.name, step)  # groups of later steps are reported at their turn
+                m.mean("advantage/flat_group_frac", float(flat), step=s)
+                m.total("reward/dropped_groups", float(dropped), step=s)
+        return m  # groups of later steps are reported for their own step

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from asyncflow.algorithms import policy_loss, rows_with_gradient, sequence_weigh
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
-from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.stage import Metrics, StageBase
 from asyncflow.pipeline.stages import StepShape, _rows, group_range, stalled
 from asyncflow.queue import Batch, GroupRangeSampler, QueueClient, StepSampler
 from asyncflow.weights import BackgroundSender
@@ -47,7 +49,8 @@ class DataParallelDrain:
     is then fully generated) and the rounds are processed in the same order afterwards."""
 
     def __init__(self, q: QueueClient, stage: str, group, dp_rank: int, dp_size: int,
-                 shape: StepShape, micro_batch_size: int, columns: list[str], streaming: bool):
+                 shape: StepShape, micro_batch_size: int, columns: list[str], streaming: bool,
+                 resumed: bool = False):
         if micro_batch_size % shape.group_size:
             raise ValueError(f"trainer.micro_batch_size={micro_batch_size} must be a multiple of "
                              f"pipeline.group_size={shape.group_size} (micro-batches hold whole "
@@ -56,9 +59,10 @@ class DataParallelDrain:
         self.dp_rank, self.dp_size, self.shape = dp_rank, dp_size, shape
         self.groups_per_round = micro_batch_size // shape.group_size * dp_size
         self.columns, self.streaming = columns, streaming
-        self.done_rows: dict[int, int] = {}
-        """step -> rows of it this stage consumed before a resume: whole rounds are skipped, a
-        round cut in half by a crash sends the step down `_rest_of_step`."""
+        self.done_rows: dict[int, int] = q.taken(stage) if resumed else {}
+        """step -> rows of it this stage consumed before a resume (from the restored queue):
+        whole rounds are skipped, a round cut in half by a crash sends the step down
+        `_rest_of_step`."""
 
     def _fetch(self, sampler, rows: int) -> tuple[Batch, bool]:
         """This rank's part of one collective get; (batch, whether any rank got rows)."""
@@ -113,18 +117,19 @@ class DataParallelDrain:
             yield last if last is not None and k == len(rounds) - 1 else self._get(step, lo, hi)
 
 
-class ReferenceStage:
+class ReferenceStage(StageBase):
     """Log-probs of the frozen reference policy for every row (only when kl_coef > 0)."""
 
     name = "reference"
 
     def __init__(self, q: QueueClient, engine: FSDPTrainEngine, drain: DataParallelDrain,
-                 temperature: float, recorder: StepRecorder):
-        self.q, self.engine, self.drain, self.t, self.rec = q, engine, drain, temperature, recorder
+                 temperature: float):
+        self.q, self.engine, self.drain, self.t = q, engine, drain, temperature
 
-    def run_step(self, step: int) -> None:
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
         for batch in self.drain(step):
-            with self.rec.span(step, self.name, "ref_logprobs"):
+            with m.span("ref_logprobs"):
                 if len(batch) == 0:
                     self.engine.logprobs(_dummy_batch(self.engine.device), self.t)
                     continue
@@ -132,54 +137,66 @@ class ReferenceStage:
                               _rows(batch.columns["response_ids"]), self.engine.device)
                 ref = packed.gather_response(self.engine.logprobs(packed, self.t).cpu())
                 self.q.put({"ref_logprobs": ref}, rows=batch.row_ids, ack=batch)  # ends it
-        self.rec.stage_done(self.name, step)
+        return m
 
 
-class TrainStage:
+class TrainStage(StageBase):
     """Streaming PPO-clip updates; one optimizer step (one new policy version) per step."""
 
     name = "train"
 
     def __init__(self, q: QueueClient, engine: FSDPTrainEngine, drain: DataParallelDrain,
-                 algo, temperature: float, recorder: StepRecorder, weight_sync,
-                 local_engine=None, background: bool = False, accounting=None,
-                 before_send=None):
+                 algo, temperature: float, weight_sync, report: Callable[[str, int, Metrics], None],
+                 local_engine=None, background: bool = False, accounting: Path | None = None,
+                 checkpoint: Callable[[int], None] | None = None,
+                 at_close: Callable[[], None] | None = None, restored_step: int | None = None):
         self.q, self.engine, self.drain, self.algo = q, engine, drain, algo
-        self.t, self.rec, self.sync, self.local_engine = temperature, recorder, weight_sync, local_engine
+        self.t, self.sync, self.local_engine = temperature, weight_sync, local_engine
+        self.report = report
+        """Where the weight send of each step is reported, as stage `weight_send` (in the
+        background it ends after the step does)."""
         self.use_kl = algo.kl_coef > 0
         self.max_staleness = drain.shape.max_staleness
         self._last_end = time.perf_counter()
         # Background only where a remote engine receives: a local engine is loaded in line.
         self.sender = (BackgroundSender(weight_sync, self._sent)
                        if background and local_engine is None else None)
-        self.accounting = accounting
-        """Open file: one JSON line per step with the uids of the problems this rank trained."""
-        self.before_send = before_send
-        """Called with the new policy version after the optimizer step, before the weights
-        leave (the checkpoint point: see asyncflow.checkpoint)."""
+        self.accounting = open(accounting, "a") if accounting is not None else None
+        """One JSON line per step with the uids of the problems this rank trained."""
+        self.checkpoint, self.at_close = checkpoint, at_close
+        """`checkpoint(version)`: after the optimizer step, before the weights leave (see
+        asyncflow.checkpoint); `at_close()`: after the last step (e.g. the final export)."""
+        self.restored_step = restored_step
 
-    def _sent(self, version: int, metrics: dict[str, float]) -> None:
-        step = version - 1
-        self.rec.record(step, metrics)
-        self.rec.stage_done("weight_send", step)
+    def begin(self) -> None:
+        """A resumed run hands the restored weights (version restored_step) to the engines."""
+        if self.restored_step is not None:
+            self.send_weights(self.restored_step - 1, Metrics(self.name, self.restored_step - 1))
 
-    def send_weights(self, step: int) -> None:
-        """Send the current weights (version step + 1) to the rollout engines; a resumed run
-        calls it once before its first step to hand the restored weights over."""
-        eng, rec = self.engine, self.rec
+    def _sent(self, version: int, values: dict[str, float]) -> None:
+        m = Metrics("weight_send", version - 1)
+        m.record(values)
+        self.report("weight_send", version - 1, m)
+
+    def send_weights(self, step: int, m: Metrics) -> None:
+        """Send the current weights (version step + 1) to the rollout engines."""
+        eng = self.engine
         if self.sender is not None:
-            with rec.span(step, self.name, "weight_gather"):
+            with m.span("weight_gather"):
                 named = [(n, t.detach().clone()) for n, t in eng.full_weights()]
-                rec.set(step, "weights/wait_previous_s",
-                        self.sender.submit(named, eng.policy_version))
+                m.set("weights/wait_previous_s", self.sender.submit(named, eng.policy_version))
         else:
-            with rec.span(step, self.name, "weight_send"):
+            with m.span("weight_send"):
                 self._sent(eng.policy_version, self.sync.send(
                     eng.full_weights(), eng.policy_version, self.local_engine))
 
     def close(self) -> None:
         if self.sender is not None:
             self.sender.wait()
+        if self.accounting is not None:
+            self.accounting.close()
+        if self.at_close is not None:
+            self.at_close()
 
     def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: list[int]):
         def kept(column: str) -> list[torch.Tensor]:
@@ -198,33 +215,32 @@ class TrainStage:
             # own current policy, so its log-probs are this forward's, detached (no extra pass)
             proximal_logprobs_BT=lp.detach() if self.algo.proximal else None)
 
-    def _record_staleness(self, step: int, batch: Batch) -> None:
-        rec = self.rec
+    def _record_staleness(self, m: Metrics, batch: Batch) -> None:
         for row, v in zip(batch.row_ids, batch.policy_versions, strict=True):
             stale = self.engine.policy_version - v
-            rec.max(step, "staleness/max", stale)
-            rec.mean(step, "staleness/mean", stale)
-            rec.total(step, f"staleness/count_{stale}", 1)
+            m.max("staleness/max", stale)
+            m.mean("staleness/mean", stale)
+            m.total(f"staleness/count_{stale}", 1)
             if stale > self.max_staleness:  # the gate makes this impossible: a bug
                 logger.error("row %d has staleness %d > max_staleness %d", row, stale,
                              self.max_staleness)
-                rec.total(step, "staleness/violations", 1)
+                m.total("staleness/violations", 1)
 
-    def _micro_batch(self, step: int, batch: Batch, acc: dict[str, float]) -> None:
+    def _micro_batch(self, m: Metrics, batch: Batch, acc: dict[str, float]) -> None:
         """Forward/backward of one micro-batch's rows that carry gradient; every row counts in the
         step's normaliser. A rank with nothing to train runs a zero-weight pass (FSDP collectives
         of every rank stay in step)."""
         eng = self.engine
         keep = list(range(len(batch)))
         if len(batch):
-            self._record_staleness(step, batch)
+            self._record_staleness(m, batch)
             responses = _rows(batch.columns["response_ids"])
             acc["normaliser"] += (sum(len(r) for r in responses)
                                   if self.algo.aggregation == "token-mean" else len(batch))
             if not self.use_kl:
                 keep = rows_with_gradient(batch.columns["advantage"])
-            self.rec.total(step, "train/skipped_rows", len(batch) - len(keep))
-        with self.rec.span(step, self.name, "fwd_bwd"):
+            m.total("train/skipped_rows", len(batch) - len(keep))
+        with m.span("fwd_bwd"):
             if not keep:
                 eng.forward_backward(_dummy_batch(eng.device), lambda lp: (lp.sum() * 0.0, {}),
                                      self.t)
@@ -238,45 +254,50 @@ class TrainStage:
         for k in LOSS_SUMS + (["loss/kl"] if self.use_kl else []):
             acc[k] += stats[k]
 
-    def _record_loss(self, step: int, total: dict[str, float], normaliser: float) -> None:
+    def _record_loss(self, m: Metrics, total: dict[str, float], normaliser: float) -> None:
         """The loss is a mean over every row of the step (skipped rows add exactly 0); the
         diagnostics (clip fraction, ratio, mismatch, IS weight, KL) are means over the rows that
         were trained, the only ones whose trainer log-probs were computed."""
-        self.rec.set(step, "loss/mean", total["loss/sum"] / normaliser if normaliser else 0.0)
+        m.set("loss/mean", total["loss/sum"] / normaliser if normaliser else 0.0)
         trained = total["trained_normaliser"]
         for k in LOSS_SUMS[1:] + (["loss/kl"] if self.use_kl else []):
-            self.rec.set(step, k, total[k] / trained if trained else 0.0)
+            m.set(k, total[k] / trained if trained else 0.0)
 
-    def run_step(self, step: int) -> None:
-        t0 = time.perf_counter()
-        eng, rec = self.engine, self.rec
+    def _update(self, m: Metrics, step: int) -> dict[str, float]:
+        """Every micro-batch of the step, then one optimizer step; the step's all-reduced sums."""
         keys = ["trained_tokens", "trained_normaliser", *LOSS_SUMS,
                 *(["loss/kl"] if self.use_kl else [])]  # same keys on every rank: all-reduced
         acc = dict.fromkeys(["normaliser", *keys], 0.0)
         uids: list[int] = []
         for batch in self.drain(step):
-            self._micro_batch(step, batch, acc)
+            self._micro_batch(m, batch, acc)
             if len(batch):
                 uids += batch.columns["uid"].tolist()
                 self.q.ack(batch)
-        with rec.span(step, self.name, "optim_step"):
-            step_metrics = eng.step(acc["normaliser"])
+        with m.span("optim_step"):
+            step_metrics = self.engine.step(acc["normaliser"])
         if self.accounting is not None:
             self.accounting.write(json.dumps({"step": step, "uids": uids}) + "\n")
             self.accounting.flush()
         summed = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(summed, group=self.drain.group)
         total = dict(zip(keys, summed.tolist(), strict=True))
-        rec.record(step, step_metrics)
-        self._record_loss(step, total, step_metrics["optim/normaliser"])
+        m.record(step_metrics)
+        self._record_loss(m, total, step_metrics["optim/normaliser"])
+        return total
+
+    def run_step(self, step: int) -> Metrics:
+        m = Metrics(self.name, step)
+        t0 = time.perf_counter()
+        total = self._update(m, step)
         train_s = time.perf_counter() - t0
-        if self.before_send is not None:
-            with rec.span(step, self.name, "checkpoint"):
-                self.before_send(eng.policy_version)
-        self.send_weights(step)
+        if self.checkpoint is not None:
+            with m.span("checkpoint"):
+                self.checkpoint(self.engine.policy_version)
+        self.send_weights(step, m)
         now = time.perf_counter()
-        rec.record(step, {"train/time_s": train_s, "train/tokens": total["trained_tokens"],
-                          "perf/step_time_s": now - self._last_end,
-                          "policy_version": eng.policy_version})
+        m.record({"train/time_s": train_s, "train/tokens": total["trained_tokens"],
+                  "perf/step_time_s": now - self._last_end,
+                  "policy_version": self.engine.policy_version})
         self._last_end = now
-        rec.stage_done(self.name, step)
+        return m
