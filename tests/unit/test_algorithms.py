@@ -127,3 +127,11 @@ def test_kl_term_and_mismatch_metric():
     _, sums = policy_loss(lp, ref, torch.tensor([0.0]), torch.ones(1, 1))
     # behaviour 0.25 vs trainer 0.5: k3 with log r = log(0.5): 2 - 1 + log 0.5
     assert torch.allclose(sums["loss/mismatch_kl"], torch.tensor(1 + math.log(0.5)))
+
+
+def test_overlong_penalty_is_zero_then_linear_to_the_limit():
+    from asyncflow.algorithms import overlong_penalty
+
+    lengths = torch.tensor([10, 12, 14, 16, 20])
+    assert overlong_penalty(lengths, 16, 4, 1.0).tolist() == [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert overlong_penalty(lengths, 16, 0).tolist() == [0.0] * 5  # buffer 0: off

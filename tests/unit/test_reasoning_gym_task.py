@@ -46,6 +46,16 @@ def test_reward_is_reasoning_gyms_score_of_the_extracted_answer_in_the_worker():
     assert [o.value for o in out] == [1.0, near, 0.0, 1.0]
 
 
+def test_task_reward_replaces_the_scorer_with_reward_functions():
+    task = ReasoningGymTask(ReasoningGymConfig(dataset="basic_arithmetic", reward=["math", "format"],
+                                               reward_weights=[1.0, 0.5], heldout_size=4))
+    p = task.train_problem(3)
+    right = task.reward(f"so it is \\boxed{{{p.answer}}}", p.answer, True, p.data)
+    assert right.total == 1.5 and right.parts == {"math": 1.0, "format": 1.0}
+    wrong = task.reward("I think it is 12345678", p.answer, True, p.data)
+    assert wrong.total == 0.0 and wrong.parts == {"math": 0.0, "format": 0.0}
+
+
 def test_answer_formats_extract_the_last_answer():
     assert extract_answer("a <answer> 3 </answer> b <answer>4</answer>", "answer_tag") == "4"
     assert extract_answer("\\boxed{1} then \\boxed{\\frac{1}{2}}", "boxed") == "\\frac{1}{2}"
@@ -57,6 +67,7 @@ def test_answer_formats_extract_the_last_answer():
     ({"dataset": "no_such_dataset"}, r"task\.dataset='no_such_dataset' is not a reasoning-gym"),
     ({"params": {"nope": 1}}, r"task\.params\.nope: not a field of reasoning-gym's basic_arithm"),
     ({"answer_format": "xml"}, r"task\.answer_format='xml'; use one of"),
+    ({"reward": "no_such_reward"}, r"task\.reward"),
 ])
 def test_config_mistakes_are_value_errors_naming_the_field(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,7 @@
 Nothing here knows about torch.distributed, I/O or config objects beyond its own arguments.
 """
 
-from asyncflow.algorithms.advantages import group_advantages
+from asyncflow.algorithms.advantages import group_advantages, overlong_penalty
 from asyncflow.algorithms.logprobs import entropy_from_logits, token_logprobs
 from asyncflow.algorithms.losses import (
     kl_penalty,
@@ -16,6 +16,7 @@ __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "kl_penalty",
+    "overlong_penalty",
     "policy_loss",
     "rows_with_gradient",
     "sequence_weights",

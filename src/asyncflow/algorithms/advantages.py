@@ -44,3 +44,14 @@ def group_advantages(
         adv_GN = torch.where(std_G1 > 0, adv_GN / (std_G1 + eps), torch.zeros_like(adv_GN))
     flat = (r.max(dim=1).values == r.min(dim=1).values).float()
     return adv_GN, {"advantage/zero_std_frac": flat.mean().item()}
+
+
+def overlong_penalty(lengths_B: torch.Tensor, max_len: int, buffer: int,
+                     factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to a row's reward: 0 up to max_len - buffer tokens,
+    then falling linearly to -factor at max_len (a response cut at the limit gets -factor).
+    buffer 0 disables it."""
+    if buffer <= 0:
+        return torch.zeros(lengths_B.shape, dtype=torch.float32)
+    over_B = (lengths_B.float() - (max_len - buffer)).clamp(min=0.0, max=float(buffer))
+    return -factor * over_B / buffer

@@ -35,6 +35,10 @@ def preflight(overrides: list[str], nproc: int, config_dir: str | None = None,
         resolve_resume(cfg.resume, Path(cfg.run.root))  # a path: it must be a sound checkpoint
     if cfg.model.path is not None:
         check_pretrained(cfg.model.path)
+    if cfg.model.pretrained is not None:
+        from asyncflow.models.packaged import PACKAGED_MODELS
+
+        PACKAGED_MODELS[cfg.model.pretrained]()  # its package is installed
     if cfg.engine.device.startswith("cuda"):
         import torch
 

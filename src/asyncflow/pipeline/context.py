@@ -289,15 +289,21 @@ def _file_lock(path: Path):
 
 
 def resolve_model_dir(cfg: Config) -> Path:
-    """The policy's HF directory: configured, or the tiny default prepared once per cache."""
+    """The policy's HF directory: configured, a packaged pretrained model converted once per
+    cache, or the tiny default prepared once per cache."""
     if cfg.model.path is not None:
         path = Path(cfg.model.path)
         if not (path / "config.json").is_file():
             raise ValueError(f"model.path={cfg.model.path!r}: no config.json there")
         return path
+    cache = default_cache_dir()
+    if cfg.model.pretrained is not None:
+        from asyncflow.models.packaged import prepare_packaged_model
+
+        with _file_lock(cache / ".prepare.lock"):  # one rank converts, the others reuse it
+            return prepare_packaged_model(cfg.model.pretrained, cache)
     tiny = cfg.model.tiny
     if isinstance(cfg.task, AdditionConfig):  # warm-start on the task the run trains on
         tiny = dataclasses.replace(tiny, task=cfg.task)
-    cache = default_cache_dir()
     with _file_lock(cache / ".prepare.lock"):  # one rank trains, the others then hit the cache
         return prepare_tiny_model(tiny, cache)

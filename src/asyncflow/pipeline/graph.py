@@ -6,7 +6,7 @@
  rollout    rollout ranks, main thread        prompt_ids -> response_ids, behaviour_logprobs,
                                               finished
  reward     rollout ranks                     response_ids, finished, uid -> reward
- advantage  first rollout rank                reward -> advantage (whole groups)
+ advantage  first rollout rank                reward, finished -> advantage (whole groups)
  weights    rollout ranks (split only)        new policy versions from the train mesh
  reference  train ranks (only with KL)        prompt_ids, response_ids -> ref_logprobs
  train      train ranks, main thread          every column above -> optimizer step, weights out
@@ -68,7 +68,7 @@ def grpo_graph(ctx: RunContext) -> list[StageDecl]:
             col("finished", "int64")], main=True),
         StageDecl("reward", "rollout", _reward, ["response_ids", "finished", "uid"],
                   [col("reward", "float32")]),
-        StageDecl("advantage", "rollout_first", _advantage, ["reward"],
+        StageDecl("advantage", "rollout_first", _advantage, ["reward", "finished"],
                   [col("advantage", "float32")]),
         StageDecl("weights", "rollout", _weights, split_only=True),
         *([StageDecl("reference", "train", _reference, ["prompt_ids", "response_ids"],
@@ -173,14 +173,16 @@ def _rollout(ctx: RunContext) -> Stage:
 
 
 def _reward(ctx: RunContext) -> Stage:
+    a = ctx.cfg.algorithm
     return RewardStage(ctx.client, ctx.task, ctx.tokenizer, ctx.shape,
-                       ctx.cfg.task.reward_timeout_s, ctx.cfg.task.on_reward_failure)
+                       ctx.cfg.task.reward_timeout_s, ctx.cfg.task.on_reward_failure,
+                       (ctx.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty))
 
 
 def _advantage(ctx: RunContext) -> Stage:
     a = ctx.cfg.algorithm
     return AdvantageStage(ctx.client, ctx.shape, a.baseline, a.normalize_std,
-                          resumed=ctx.resume is not None)
+                          resumed=ctx.resume is not None, mask_truncated=a.mask_truncated)
 
 
 def _weights(ctx: RunContext) -> Stage:

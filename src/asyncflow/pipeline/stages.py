@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from asyncflow.algorithms import group_advantages
+from asyncflow.algorithms import group_advantages, overlong_penalty
 from asyncflow.engines import GenerationRequest, RolloutEngine, SamplingParams
 from asyncflow.log import get_logger
 from asyncflow.models import Tokenizer
@@ -337,8 +337,11 @@ class RewardStage(StageBase):
     name = "reward"
 
     def __init__(self, q: QueueClient, task: Task, tokenizer: Tokenizer, shape: StepShape,
-                 timeout_s: float = 10.0, on_failure: str = "zero"):
+                 timeout_s: float = 10.0, on_failure: str = "zero",
+                 overlong: tuple[int, int, float] = (0, 0, 0.0)):
         self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
+        self.overlong = overlong
+        """(max_new_tokens, buffer, penalty): DAPO's soft overlong punishment (buffer 0: off)."""
         self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         self.failed_reward = FAILED_REWARD[on_failure]
         self.worker = RewardWorker(task, timeout_s)
@@ -367,12 +370,16 @@ class RewardStage(StageBase):
                                 # a step smaller than a chunk is scored whole
                                 min_rows=min(self.shape.chunk_rows, self.shape.rows_per_step)):
             with m.span("score"):
-                outcomes = self.score(batch.row_ids, _id_lists(batch.columns["response_ids"]),
+                responses = batch.columns["response_ids"]
+                outcomes = self.score(batch.row_ids, _id_lists(responses),
                                       [bool(f) for f in batch.columns["finished"].tolist()],
                                       batch.columns["uid"].tolist())
                 rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
-                self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32)},
+                penalty = overlong_penalty(responses.lengths, *self.overlong)
+                self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32) + penalty},
                            rows=batch.row_ids, ack=batch)  # ends the batch
+            if self.overlong[1]:
+                m.mean("reward/overlong_penalty", penalty.mean().item(), len(penalty))
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
                     m.mean("reward/mean", r)
@@ -393,9 +400,12 @@ class AdvantageStage(StageBase):
     name = "advantage"
 
     def __init__(self, q: QueueClient, shape: StepShape, baseline: str, normalize_std: bool,
-                 resumed: bool = False):
+                 resumed: bool = False, mask_truncated: bool = False):
         self.q, self.shape = q, shape
         self.baseline, self.normalize_std = baseline, normalize_std
+        self.mask_truncated = mask_truncated
+        """DAPO overlong filtering: rows without EOS (`finished` 0) get advantage 0."""
+        self.columns = ["reward", "finished"] if mask_truncated else ["reward"]
         self.groups_done: dict[int, int] = (
             {s: n // shape.group_size for s, n in q.taken(self.name).items()} if resumed else {})
         """step -> groups done; a resumed run starts from the restored queue's count."""
@@ -406,7 +416,7 @@ class AdvantageStage(StageBase):
         while self.groups_done.get(step, 0) < P:
             left = (P - self.groups_done.get(step, 0)) * N
             batch = self.q.get(self.name, P * N, timeout_s=self.shape.timeout_s,
-                               sampler=GroupSampler(), columns=["reward"],
+                               sampler=GroupSampler(), columns=self.columns,
                                min_rows=min(self.shape.chunk_rows, left))
             if len(batch) == 0:
                 raise stalled(f"advantage: waiting for whole groups of step {step}",
@@ -420,6 +430,11 @@ class AdvantageStage(StageBase):
                 dropped_G = ~torch.isfinite(rewards_GN).all(dim=1)
                 adv = torch.empty(len(batch))
                 adv[order] = adv_GN.flatten()
+                if self.mask_truncated:
+                    truncated = batch.columns["finished"] == 0
+                    adv[truncated] = 0.0
+                    for s, t in zip(batch.steps, truncated.tolist(), strict=True):
+                        m.total("advantage/masked_truncated", float(t), step=s)
                 self.q.put({"advantage": adv}, rows=batch.row_ids, ack=batch)  # ends the batch
             flat_G = ((rewards_GN == rewards_GN[:, :1]).all(dim=1) | dropped_G).tolist()
             for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):

@@ -33,7 +33,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from asyncflow.tasks.base import Problem, TaskConfig
+from asyncflow.tasks.base import Problem, RewardBreakdown, TaskConfig
+from asyncflow.tasks.rewards import RewardFunctions
 
 CHUNK = 1024
 """Entries per generated dataset chunk."""
@@ -71,6 +72,12 @@ class ReasoningGymConfig(TaskConfig):
     answer_format: str = "answer_tag"
     """Where the answer is read from the completion: `answer_tag` (last <answer>...</answer>),
     `boxed` (last \\boxed{...}) or `raw` (the whole completion, stripped)."""
+    reward: Any = "dataset"
+    """`dataset`: reasoning-gym's own `score_answer` on the answer `answer_format` extracts.
+    Otherwise reward functions as for `task=dataset` (`math`, `[math,format]`, `pkg.mod:fn`;
+    see `asyncflow.tasks.rewards`), given the entry as `data`."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per `reward` function; empty = 1.0 each."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +96,8 @@ class ReasoningGymConfig(TaskConfig):
                 raise ValueError(f"task.params.{key}: not a field of reasoning-gym's "
                                  f"{self.dataset} config; use some of {sorted(allowed)}")
         make_dataset(self.dataset, params_key(self.params), 0, 1)  # validates the params
+        if self.reward != "dataset":
+            RewardFunctions(self.reward, self.reward_weights)  # checks names and imports
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -158,6 +167,8 @@ class ReasoningGymTask:
         self._heldout = list(heldout.values())
         self._held = frozenset(heldout)
         self._scorer = None
+        self.rewards = (None if cfg.reward == "dataset"
+                        else RewardFunctions(cfg.reward, cfg.reward_weights))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_scorer": None}
@@ -194,10 +205,13 @@ class ReasoningGymTask:
         return [self._problem(i, entry) for i, entry in enumerate(self._heldout)]
 
     def reward(self, completion: str, answer: str, finished: bool,
-               data: dict[str, Any] | None = None) -> float:
-        """reasoning-gym's `score_answer` of the extracted answer against the entry `data`."""
+               data: dict[str, Any] | None = None) -> float | RewardBreakdown:
+        """reasoning-gym's `score_answer` of the extracted answer against the entry `data`, or
+        `task.reward`'s functions."""
         if data is None:
             raise ValueError("reasoning_gym rewards need the problem's entry (Problem.data)")
+        if self.rewards is not None:
+            return self.rewards(completion, answer, finished, data)
         if self._scorer is None:
             self._scorer = make_dataset(self.cfg.dataset, self._params, 0, 1)
         return self._scorer.score_answer(extract_answer(completion, self.cfg.answer_format), data)
