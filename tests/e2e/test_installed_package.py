@@ -18,6 +18,7 @@ def test_an_installed_wheel_runs_with_its_packaged_configs(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
                    capture_output=True, timeout=300)
     assert (site / "asyncflow" / "conf" / "config.yaml").is_file()
+    assert (site / "asyncflow" / "conf" / "experiment" / "smollm2_math.yaml").is_file()
     assert (site / "bin" / "asyncflow-train").is_file()  # the console script
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -30,8 +30,16 @@ def _math(completion: str, answer: str) -> float:
     ("", "42", 0.0),
     ("}}\\boxed{{{ %$# \\frac{", "42", 0.0),
     ("no answer here at all", "42", 0.0),
+    # a numeric answer left as arithmetic is not an answer (a policy learned to restate the
+    # question, "7 - 5 = ?", and was paid for it before this rule)
+    ("7 - 5 = ?", "2", 0.0),
+    ("\\boxed{7-5}", "2", 0.0),
+    ("so 7 - 5 = 2.", "2", 1.0),
+    ("\\boxed{-3}", "-3", 1.0),
+    ("\\boxed{3+2\\sqrt{2}}", "2\\sqrt{2}+3", 1.0),
 ], ids=["boxed", "frac-vs-decimal", "decimal-vs-frac", "final-answer", "expression", "wrong",
-        "wrong-frac", "last-boxed", "empty", "garbage", "no-number"])
+        "wrong-frac", "last-boxed", "empty", "garbage", "no-number", "restated-question",
+        "boxed-arithmetic", "worked-out", "negative", "symbolic-sum"])
 def test_math_reward_checks_the_boxed_or_final_answer_for_equivalence(completion, answer,
                                                                        expected):
     assert _math(completion, answer) == expected

@@ -9,7 +9,9 @@ weighted by `task.reward_weights=[1.0,0.2]`; no weights = 1.0 each):
 - `math`: math-verify. The answer is parsed as LaTeX (`$answer$`, or as is when it holds a
   `\\boxed{}`); from the completion the last `\\boxed{...}` is taken first, else an answer after
   an anchor ("the answer is"), else the last number or expression; 1.0 iff math-verify finds the
-  two equivalent (`\\frac{1}{2}` = `0.5` = `1/2`). EOS not needed.
+  two equivalent (`\\frac{1}{2}` = `0.5` = `1/2`). When the answer is a number, the completion's
+  must be a number too: arithmetic left undone (`7 - 5` for 2, which math-verify would accept)
+  scores 0. EOS not needed.
 - `format`: 1.0 iff EOS was generated and the completion marks a final answer, as `\\boxed{...}`
   or `<answer>...</answer>`; a bonus to weight in beside a correctness reward.
 - `pkg.module:function`: the user's `function(completion: str, answer: str, data: dict)
@@ -57,6 +59,7 @@ RESERVED_PARTS = ("mean", "failures", "timeouts", "dropped_groups")
 
 _USER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _BOXED = re.compile(r"\\boxed\s*\{\s*[^\s}]")
+_RATIO = re.compile(r"[-+]?\d+\s*/\s*\d+")  # 1/2: a number, as math-verify reads it (a ratio)
 _ANSWER_TAG = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
 
 
@@ -98,7 +101,15 @@ def math_reward(completion: str, answer: str, finished: bool, data: dict) -> flo
     pred = parse(completion, extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
                                                 ExprExtractionConfig()],
                  parsing_timeout=None)
-    return 1.0 if gold and pred and verify(gold, pred, timeout_seconds=None) else 0.0
+    if not gold or not pred:
+        return 0.0
+    # math-verify keeps arithmetic unevaluated ("7 - 5" parses as 7 - 1*5) and then finds it equal
+    # to 2: a policy that restates the question would be paid for it. A numeric answer must be
+    # given as a number (1/2, \frac{1}{2}, 0.5); symbolic answers keep math-verify's equivalence.
+    if getattr(gold[0], "is_Number", False) and not (
+            getattr(pred[0], "is_Number", False) or _RATIO.fullmatch(str(pred[-1]).strip())):
+        return 0.0
+    return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
 
 
 BUILTIN_REWARDS: dict[str, Callable[[str, str, bool, dict], float]] = {
