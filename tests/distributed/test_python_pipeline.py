@@ -48,3 +48,9 @@ def test_a_pipeline_with_a_custom_stage_and_reward_runs_in_process(tmp_path):
         assert abs(x["reward/mean"] - (x["reward/exact"] + 0.5 * x["reward/contains_answer"])) \
             < 1e-5
     assert "eval/accuracy" in lines[-1]
+    # what the held-out answers were, beside their mean: 8 per evaluation (steps 0, 2 and 3)
+    samples = [json.loads(x) for x in
+               (tmp_path / "inproc" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0] * 8 + [2] * 8 + [3] * 8
+    # exact + 0.5 * contains_answer: right, containing the answer, or neither
+    assert all(isinstance(s["completion"], str) and s["reward"] in (0.0, 0.5, 1.5) for s in samples)

@@ -150,9 +150,11 @@ def weight_sync(ctx: RunContext):
 
 def _eval(ctx: RunContext) -> Stage:
     side, cfg = rollout_side(ctx), ctx.cfg
+    samples = ctx.run_dir / "eval_samples.jsonl"  # rolled back with a resume, like the metrics
+    truncate_jsonl(samples, ctx.start)
     return EvalStage(side.engine, side.gate, side.commit_lock, ctx.task, ctx.tokenizer,
                      ctx.shape, cfg.pipeline.eval_every, cfg.pipeline.eval_size,
-                     cfg.rollout.max_new_tokens, cfg.task.reward_timeout_s)
+                     cfg.rollout.max_new_tokens, cfg.task.reward_timeout_s, samples)
 
 
 def _prompts(ctx: RunContext) -> Stage:

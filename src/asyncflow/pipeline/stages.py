@@ -18,10 +18,12 @@ The graph that places them, and the queue columns they exchange, are declared in
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -243,9 +245,11 @@ class RolloutStage(StageBase):
 
 
 def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
-             problems: list[Problem], max_new_tokens: int) -> tuple[float, int]:
-    """Greedy accuracy on held-out problems with the engine's current (pinned) weights, and the
-    number of reward failures (each scored 0: a held-out row is never dropped)."""
+             problems: list[Problem], max_new_tokens: int
+             ) -> tuple[float, int, list[tuple[RewardItem, RewardOutcome]]]:
+    """Greedy accuracy on held-out problems with the engine's current (pinned) weights, the
+    number of reward failures (each scored 0: a held-out row is never dropped), and each
+    problem's completion with its outcome."""
     requests = [GenerationRequest(f"eval{p.uid}", encode_problem(tokenizer, p),
                                   SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
                 for p in problems]
@@ -258,25 +262,29 @@ def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
     for p, o in zip(problems, outcomes, strict=True):
         if o.error is not None:
             logger.warning("eval: held-out problem %d: reward failed: %s", p.uid, o.error)
-    return sum(o.value or 0.0 for o in outcomes) / len(problems), \
-        sum(o.value is None for o in outcomes)
+    return (sum(o.value or 0.0 for o in outcomes) / len(problems),
+            sum(o.value is None for o in outcomes), list(zip(items, outcomes, strict=True)))
 
 
 class EvalStage(StageBase):
     """Held-out greedy accuracy every `every` steps and after the last, on the first rollout
     rank's main thread, before that step's rollout. It uses the weights rollout of the step may
-    use (version >= step - eta; the last version after the last step) and holds `commit_lock` so no new version lands mid-evaluation.
-    Its own reward worker: the reward thread keeps scoring meanwhile."""
+    use (version >= step - eta; the last version after the last step) and holds `commit_lock` so
+    no new version lands mid-evaluation. Its own reward worker: the reward thread keeps scoring
+    meanwhile. The first `num_samples` completions of each evaluation go to `samples_path` (JSON
+    lines), so what the reward pays for can be read, not only its mean."""
 
     name = "eval"
 
     def __init__(self, engine: RolloutEngine, gate: VersionGate, commit_lock: threading.Lock,
                  task: Task, tokenizer: Tokenizer, shape: StepShape, every: int, size: int,
-                 max_new_tokens: int, reward_timeout_s: float):
+                 max_new_tokens: int, reward_timeout_s: float, samples_path: Path | None = None,
+                 num_samples: int = 8):
         self.engine, self.gate, self.commit_lock, self.shape = engine, gate, commit_lock, shape
         self.tok, self.every, self.max_new_tokens = tokenizer, every, max_new_tokens
         self.problems = task.heldout_problems()[:size]
         self.scorer = RewardWorker(task, reward_timeout_s)
+        self.samples_path, self.num_samples = samples_path, num_samples
 
     def run_step(self, step: int) -> Metrics:
         m = Metrics(self.name, step)
@@ -286,8 +294,14 @@ class EvalStage(StageBase):
         self.gate.wait_for(step if last else step - self.shape.max_staleness,
                            self.shape.timeout_s)
         with self.commit_lock, m.span("eval"):
-            acc, failures = evaluate(self.engine, self.scorer, self.tok, self.problems,
-                                     self.max_new_tokens)
+            acc, failures, scored = evaluate(self.engine, self.scorer, self.tok, self.problems,
+                                             self.max_new_tokens)
+        if self.samples_path is not None:
+            with open(self.samples_path, "a") as f:
+                for item, o in scored[:self.num_samples]:
+                    f.write(json.dumps({"step": step, "uid": item.row, "answer": item.answer,
+                                        "completion": item.completion,
+                                        "reward": o.value}) + "\n")
         m.set("eval/accuracy", acc)
         m.set("eval/reward_failures", failures)
         m.set("eval/policy_version", self.engine.policy_version)
