@@ -35,8 +35,6 @@ from asyncflow.engines import (  # noqa: E402
 )
 from asyncflow.models import ModelConfig, build_model, save_pretrained  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_DIR = ROOT / ".cache" / "smollm2-135m-instruct"
 # The tiny default shape (Qwen2-style, char-level vocabulary for 3-digit addition).
 TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=24, hidden_size=128,
             intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
@@ -67,11 +65,11 @@ def tiny_checkpoint(tmp: Path) -> tuple[Path, str]:
 
 
 def smollm2_checkpoint() -> tuple[Path, str]:
-    if not (SMOLLM2_DIR / "config.json").is_file():
-        from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+    from asyncflow.models.packaged import prepare_packaged_model
+    from asyncflow.tasks.tiny import default_cache_dir
 
-        convert_gguf_to_hf(find_smollm2_gguf(), SMOLLM2_DIR)
-    return SMOLLM2_DIR, "real (Q4_1 GGUF dequantized to fp32)"
+    path = prepare_packaged_model("smollm2-135m-instruct", default_cache_dir())
+    return path, "real (Q4_1 GGUF dequantized to fp32)"
 
 
 def prompts(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from asyncflow.log import setup_logging
-from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+from asyncflow.models.gguf import convert_gguf_to_hf
+from asyncflow.models.packaged import find_smollm2_gguf
 
 _REPO = Path(__file__).resolve().parent.parent
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

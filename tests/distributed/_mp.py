@@ -23,9 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _forget_inherited_forkserver() -> None:
+    """torchrun starts each rank as a fresh process. A rank forked from a pytest process in which
+    an earlier test started multiprocessing's forkserver (a reward worker) inherits a handle on a
+    server that is not its child, and its own reward workers then fail to start. Drop this copy
+    of the handle (the parent's server keeps running) so the rank starts its own server."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None:
+        os.close(server._forkserver_alive_fd)  # this process's copy of the fd only
+        server._forkserver_address = server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+
+
 def _entry(fn, rank, world_size, port, results, timeout_s, kwargs):
     # a hung rank prints every thread's stack before the parent gives up on it
     faulthandler.dump_traceback_later(max(timeout_s - 5, 1), exit=True)
+    _forget_inherited_forkserver()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
     )

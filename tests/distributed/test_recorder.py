@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from asyncflow.metrics import JsonlSink
 from asyncflow.pipeline.recorder import StepRecorder
+from asyncflow.pipeline.stage import Metrics
 
 from ._mp import run_ranks
 
@@ -14,19 +15,27 @@ def _record(rank, world, tmp):
     sinks = [JsonlSink(tmp / "metrics.jsonl")] if rank == 0 else []
     stages = ["a", "b"] if rank == 0 else ["c"]
     rec = StepRecorder(stages, dist.new_group(list(range(world))), sinks)
+
+    def report(stage, step, fill):  # what the schedule does with a stage's returned metrics
+        m = Metrics(stage, step)
+        fill(m)
+        rec.add(m)
+        rec.stage_done(stage, step)
+
     for step in range(3):
         if rank == 0:
-            rec.mean(step, "reward/mean", 1.0, weight=3)  # three rows of reward 1
-            rec.stage_done("a", step)
-            rec.max(step, "staleness/max", step)
-            rec.stage_done("b", step)
+            report("a", step, lambda m: m.mean("reward/mean", 1.0, weight=3))  # 3 rows of 1
+            report("b", step, lambda m, s=step: m.max("staleness/max", s))
         else:
-            rec.mean(step, "reward/mean", 0.0)  # one row of reward 0
-            rec.total(step, "tokens", 10 * (step + 1))
-            rec.max(step, "staleness/max", 5 if step == 1 else 0)
-            rec.stage_done("c", step)
-    if rank == 0:
-        rec.set(3, "eval/accuracy", 0.5)  # a step only rank 0 records, flushed by finish()
+            def fill(m, s=step):
+                m.mean("reward/mean", 0.0)  # one row of reward 0
+                m.total("tokens", 10 * (s + 1))
+                m.max("staleness/max", 5 if s == 1 else 0)
+            report("c", step, fill)
+    if rank == 0:  # a step only rank 0 records, flushed by finish()
+        m = Metrics("a", 3)
+        m.set("eval/accuracy", 0.5)
+        rec.add(m)
     rec.finish()
 
 

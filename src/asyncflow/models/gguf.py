@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from asyncflow.log import get_logger
-from asyncflow.models.packaged import find_smollm2_gguf  # noqa: F401 (its old home)
 
 logger = get_logger(__name__)
 

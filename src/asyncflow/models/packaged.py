@@ -32,8 +32,9 @@ PACKAGED_MODELS = {"smollm2-135m-instruct": find_smollm2_gguf}
 
 def prepare_packaged_model(name: str, cache: Path) -> Path:
     """The HF-format fp32 directory of a packaged model, converted on first use and cached
-    (written under a temporary name and renamed, so a crash never leaves half a model)."""
-    out = Path(cache) / f"{name}-fp32"
+    (written under a temporary name and renamed, so a crash never leaves half a model): what
+    the pipeline, the tests and the benchmarks that use the model all load."""
+    out = Path(cache) / name
     if (out / "model.safetensors").is_file():
         return out
     source = PACKAGED_MODELS[name]()

@@ -6,7 +6,7 @@
  rollout    rollout ranks, main thread        prompt_ids -> response_ids, behaviour_logprobs,
                                               finished
  reward     rollout ranks                     response_ids, finished, uid -> reward
- advantage  first rollout rank                reward, finished -> advantage (whole groups)
+ advantage  first rollout rank                reward (+ finished) -> advantage (whole groups)
  weights    rollout ranks (split only)        new policy versions from the train mesh
  reference  train ranks (only with KL)        prompt_ids, response_ids -> ref_logprobs
  train      train ranks, main thread          every column above -> optimizer step, weights out
@@ -68,7 +68,8 @@ def grpo_graph(ctx: RunContext) -> list[StageDecl]:
             col("finished", "int64")], main=True),
         StageDecl("reward", "rollout", _reward, ["response_ids", "finished", "uid"],
                   [col("reward", "float32")]),
-        StageDecl("advantage", "rollout_first", _advantage, ["reward", "finished"],
+        StageDecl("advantage", "rollout_first", _advantage,
+                  ["reward"] + (["finished"] if ctx.cfg.algorithm.mask_truncated else []),
                   [col("advantage", "float32")]),
         StageDecl("weights", "rollout", _weights, split_only=True),
         *([StageDecl("reference", "train", _reference, ["prompt_ids", "response_ids"],

@@ -1,7 +1,7 @@
 """Per-step metrics from every rank, merged on rank 0 and written to the sinks in step order.
 
-The schedule adds what each stage's `run_step` returned (`add`; `mean`, `total`, `max`, `set`
-record single values) and then calls `stage_done(stage, step)`. Once every stage of this rank is done with a step, its partial record (sums
+The schedule adds what each stage's `run_step` returned (`add`) and then calls
+`stage_done(stage, step)`. Once every stage of this rank is done with a step, its partial record (sums
 and weights, so merging is exact) goes to rank 0 as JSON bytes over gloo point-to-point on a
 dedicated group (tag 1: length, tag 2: payload; never pickle). Rank 0 writes a step's line when
 every rank has reported it, or when the ranks have all finished.
@@ -82,24 +82,6 @@ class StepRecorder:
             self._receiver.start()
 
     # -- recording (any rank, any thread)
-    def _put(self, step: int, name: str, kind: str, a: float, b: float = 0.0) -> None:
-        if step < self.start_step:
-            return
-        with self._lock:
-            merge_entries(self._local[step], {name: [kind, float(a), float(b)]})
-
-    def mean(self, step: int, name: str, value: float, weight: float = 1.0) -> None:
-        self._put(step, name, "mean", value * weight, weight)
-
-    def total(self, step: int, name: str, value: float) -> None:
-        self._put(step, name, "total", value)
-
-    def max(self, step: int, name: str, value: float) -> None:
-        self._put(step, name, "max", value)
-
-    def set(self, step: int, name: str, value: float) -> None:
-        self._put(step, name, "set", value)
-
     def add(self, metrics: Metrics) -> None:
         """A stage's returned measurements (values by step, trace spans)."""
         with self._lock:

@@ -389,11 +389,12 @@ class RewardStage(StageBase):
                                       [bool(f) for f in batch.columns["finished"].tolist()],
                                       batch.columns["uid"].tolist())
                 rewards = [self.failed_reward if o.value is None else o.value for o in outcomes]
-                penalty = overlong_penalty(responses.lengths, *self.overlong)
-                self.q.put({"reward": torch.tensor(rewards, dtype=torch.float32) + penalty},
-                           rows=batch.row_ids, ack=batch)  # ends the batch
-            if self.overlong[1]:
-                m.mean("reward/overlong_penalty", penalty.mean().item(), len(penalty))
+                reward = torch.tensor(rewards, dtype=torch.float32)
+                if self.overlong[1]:
+                    penalty = overlong_penalty(responses.lengths, *self.overlong)
+                    reward += penalty
+                    m.mean("reward/overlong_penalty", penalty.mean().item(), len(penalty))
+                self.q.put({"reward": reward}, rows=batch.row_ids, ack=batch)  # ends the batch
             for r in rewards:
                 if not math.isnan(r):  # a dropped row has no reward to average
                     m.mean("reward/mean", r)
