@@ -52,6 +52,14 @@ def test_resume_at_step_k_reproduces_the_uninterrupted_run_bitwise(tmp_path, pla
     base = ["pipeline.num_steps=8", "checkpoint.every=4", f"run.root={tmp_path}", *SMALL, SYNC,
             *placement]
     _ok(torchrun(2, [*base, "run.name=full"], timeout_s=300))
+    # the same command again through the launcher: nothing left to run, said in one line at
+    # once (it used to wait run.timeout_s for weights no step would send, then fail)
+    again = subprocess.run([sys.executable, "-m", "asyncflow.launch", "--nproc-per-node=2",
+                            *base, "run.name=full"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [x for x in again.stderr.splitlines() if x.startswith("asyncflow: ")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-3000:]
+    assert "is already finished" in errors[0], again.stderr[-3000:]
     ckpt = tmp_path / "full" / "checkpoints" / "step_4"
     _ok(torchrun(2, [*base, "run.name=resumed", f"resume={ckpt}"], timeout_s=300))
 

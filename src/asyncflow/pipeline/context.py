@@ -263,6 +263,13 @@ def _open_run_dir(cfg: Config, run_dir: Path, rank: int) -> Resume | None:
                     shutil.rmtree(run_dir)
             log_to_file()  # before looking for checkpoints: skipped ones are warned about
             path = None if fresh else resolve_resume(cfg.resume, run_dir)
+            if path is not None and step_of(path) >= cfg.pipeline.num_steps:
+                # resuming would run no step: the rollout side would wait for weights forever
+                raise ValueError(
+                    f"run {run_dir} is already finished: checkpoint {path.name} is at step "
+                    f"{step_of(path)} >= pipeline.num_steps={cfg.pipeline.num_steps}; raise "
+                    "pipeline.num_steps to train it on, or start over with a new run.name (or "
+                    "resume=false run.overwrite=true)")
             verdict = "" if path is None else "path:" + str(path)
         except ValueError as e:
             verdict = "error:" + str(e)
