@@ -1,6 +1,7 @@
 """The framework tax: asyncflow's step time against a plain loop doing the same work.
 
-    python benchmarks/overhead.py [--steps 60] [--repeats 5] [--write benchmarks/RESULTS.md]
+    python benchmarks/overhead.py [--steps 60] [--repeats 5] [--extra k=v ...]
+                                  [--write benchmarks/RESULTS.md]
 
 Same model (tiny default), batch (32 prompts x 8), sampling, algorithm (GRPO, zero-advantage rows
 skipped) and learning rate in every schedule; every run starts from the same prepared model:
@@ -41,19 +42,19 @@ SCHEDULES = {
 GOALS = {"colocated": 1.10, "split-1": 0.60}  # at most this many plain-loop steps per step
 
 
-def run_one(root: Path, name: str, schedule: str, steps: int) -> dict:
+def run_one(root: Path, name: str, schedule: str, steps: int, extra: list[str]) -> dict:
     kind, n, overrides = SCHEDULES[schedule]
     env = {**os.environ, "OMP_NUM_THREADS": str(n if kind == "plain" else 1),
            "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if kind == "plain":
         out_file = root / f"{name}.json"
         cmd = [sys.executable, str(REPO / "benchmarks" / "plain_grpo.py"), "--steps",
-               str(steps), "--threads", str(n), "--out", str(out_file)]
+               str(steps), "--threads", str(n), "--out", str(out_file), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
                "--standalone", "-m", "asyncflow.train", f"run.root={root}", f"run.name={name}",
                f"pipeline.num_steps={steps}", f"pipeline.eval_every={steps + 1}",
-               "pipeline.eval_size=64", "checkpoint.every=0", *overrides]
+               "pipeline.eval_size=64", "checkpoint.every=0", *overrides, *extra]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="Hydra overrides for every schedule, the plain loop included")
     ap.add_argument("--write", default=None, help="append the results section to this file")
     args = ap.parse_args()
     names = args.schedules.split(",")
@@ -86,7 +89,7 @@ def main() -> None:
         for rep in range(args.repeats):
             order = names[rep % len(names):] + names[:rep % len(names)]
             for key in order:
-                r = run_one(Path(tmp), f"{key}-{rep}", key, args.steps)
+                r = run_one(Path(tmp), f"{key}-{rep}", key, args.steps, args.extra)
                 res[key].append(r)
                 print(f"[rep {rep}] {key}: step {r['step_s']:.3f} s, {r['trained']:.0f} rows "
                       "trained per step", flush=True)

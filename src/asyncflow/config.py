@@ -218,7 +218,8 @@ class QueueSection:
     """Streaming queue settings (its columns and stages follow from the pipeline)."""
 
     transport: str = "shm"
-    """Data plane between ranks: `shm` (one host) or `dist` (torch.distributed, any host)."""
+    """Data plane between ranks: `shm` (one host) or `dist` (torch.distributed, any host). A
+    one-process run keeps its rows in process (`local`) whatever this says."""
     host: str = "127.0.0.1"
     """Address the controller's control socket binds to."""
     port: int = 0

@@ -133,7 +133,10 @@ class RunContext:
         p, q = self.cfg.pipeline, self.cfg.queue
         return QueueConfig(columns=columns, stages=stages, group_size=p.group_size,
                            capacity_rows=(p.max_staleness + 2) * p.rows_per_step,
-                           rows_per_step=p.rows_per_step, transport=q.transport, host=q.host,
+                           rows_per_step=p.rows_per_step,
+                           # one process: columns stay tensors in it, no shared-memory copies
+                           transport="local" if self.meshes.world_size == 1 else q.transport,
+                           host=q.host,
                            port=port, secret=secret, timeout_s=self.cfg.run.timeout_s)
 
     def _restore_queue(self) -> None:
