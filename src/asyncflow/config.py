@@ -266,12 +266,13 @@ def starts_fresh(cfg: Config) -> bool:
 def _register(config_dir: Path) -> None:
     from hydra.core.config_store import ConfigStore
 
-    from asyncflow.engines import TorchEngineConfig
+    from asyncflow.engines import SGLangEngineConfig, TorchEngineConfig
     from asyncflow.tasks import TASKS
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="engine", name="torch_schema", node=TorchEngineConfig)
+    cs.store(group="engine", name="sglang_schema", node=SGLangEngineConfig)
     for kind, (config_type, _) in TASKS.items():
         cs.store(group="task", name=f"{kind}_schema", node=config_type)
         if not (config_dir / "task" / f"{kind}.yaml").is_file():

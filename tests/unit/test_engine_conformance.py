@@ -13,6 +13,7 @@ import torch
 from asyncflow.engines import (
     GenerationRequest,
     SamplingParams,
+    SGLangEngineConfig,
     TorchEngineConfig,
     build_rollout_engine,
 )
@@ -30,14 +31,27 @@ from tests.engines import (
 
 transformers = pytest.importorskip("transformers")
 
-ENGINES = ["torch-cpu", pytest.param("torch-cuda", marks=pytest.mark.gpu)]
+ENGINES = ["torch-cpu", pytest.param("torch-cuda", marks=pytest.mark.gpu),
+           pytest.param("sglang", marks=pytest.mark.gpu)]
+
+
+def _config(kind: str, device: str, max_batch_size: int, max_seq_len: int):
+    if kind == "sglang":
+        # fp32 for the 1e-4 log-prob checks; deterministic inference honours per-request seeds
+        # and makes kernels batch-invariant; no CUDA graphs: a test builds several engines
+        return SGLangEngineConfig(device=device, dtype="float32", max_batch_size=max_batch_size,
+                                  max_seq_len=max_seq_len, deterministic=True, cuda_graphs=False,
+                                  mem_fraction_static=0.15)
+    return TorchEngineConfig(device=device, max_batch_size=max_batch_size,
+                             max_seq_len=max_seq_len)
 
 
 @pytest.fixture(params=ENGINES)
 def engine_factory(request):
     """(make, device): `make(path, max_batch_size=8, max_seq_len=64)` builds the engine under
     test serving the HF checkpoint at `path`; every engine it built is shut down afterwards. A
-    CUDA engine selected on a machine without CUDA fails (it is deselected unless `-m gpu`)."""
+    CUDA engine selected on a machine without CUDA fails (it is deselected unless `-m gpu`), and
+    so does SGLang where sglang does not import (the error says how to install it)."""
     kind = request.param
     device = "cpu" if kind == "torch-cpu" else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -46,9 +60,8 @@ def engine_factory(request):
     built = []
 
     def make(path, max_batch_size=8, max_seq_len=64):
-        cfg = TorchEngineConfig(device=device, max_batch_size=max_batch_size,
-                                max_seq_len=max_seq_len)
-        built.append(build_rollout_engine(cfg, path))
+        built.append(build_rollout_engine(_config(kind, device, max_batch_size, max_seq_len),
+                                          path))
         return built[-1]
 
     yield make, device

@@ -278,7 +278,7 @@ def test_factory_dispatches_on_kind(tiny):
     assert isinstance(build_rollout_engine(TorchEngineConfig(), tiny), TorchRolloutEngine)
     cfg = TorchEngineConfig()
     cfg.kind = "vllm"
-    with pytest.raises(ValueError, match=r"valid kinds: \['torch'\]"):
+    with pytest.raises(ValueError, match=r"valid kinds: \['torch', 'sglang'\]"):
         build_rollout_engine(cfg, tiny)
     with pytest.raises(ValueError, match="dtype='fp8'"):
         TorchEngineConfig(dtype="fp8")
