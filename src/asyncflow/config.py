@@ -124,10 +124,15 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations: less memory for
     long responses, for about one more forward pass of compute."""
+    device: str = "auto"
+    """Where the train (and reference) model runs: `cuda` (each rank's own GPU, LOCAL_RANK; an
+    error without CUDA), `cpu`, or `auto` (cuda when CUDA is available, else cpu)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ValueError(f"trainer.micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.device={self.device!r}; use 'auto', 'cpu' or 'cuda'")
 
 
 @dataclass

@@ -94,13 +94,27 @@ class Meshes:
         return self.train_ranks[0]
 
 
-def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
-    """init_process_group from torchrun's environment: NCCL with CUDA, gloo on CPU."""
+def train_device_type(setting: str) -> str:
+    """"cuda" or "cpu" for `trainer.device` (auto: cuda when CUDA is available)."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device=cuda: no CUDA device here (torch {torch.__version__}); "
+                         "use trainer.device=cpu or auto")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def init_distributed(timeout_s: float, train_device: str = "auto"
+                     ) -> tuple[int, int, torch.device]:
+    """init_process_group from torchrun's environment: NCCL for CUDA tensors and gloo for CPU
+    ones when this rank trains on its GPU (`trainer.device`), gloo alone otherwise. Returns
+    (rank, world size, this rank's train device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "cuda:nccl,cpu:gloo"
+    if torch.cuda.is_available():  # "cuda" then means this rank's GPU, for an engine too
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if train_device_type(train_device) == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "cuda:nccl,cpu:gloo"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

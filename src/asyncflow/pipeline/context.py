@@ -207,7 +207,7 @@ def open_run(cfg: Config) -> RunContext:
     torch.manual_seed(cfg.run.seed)
     stop = StopControl(cfg.run.timeout_s)  # signals caught from the start
     owns = not dist.is_initialized()
-    _, _, device = init_distributed(cfg.run.timeout_s)
+    _, _, device = init_distributed(cfg.run.timeout_s, cfg.trainer.device)
     meshes = build_meshes(cfg.placement, cfg.run.timeout_s, device,
                           reference=cfg.algorithm.kl_coef > 0,
                           data_plane=cfg.queue.transport == "dist")
