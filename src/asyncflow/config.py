@@ -124,10 +124,15 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations: less memory for
     long responses, for about one more forward pass of compute."""
+    device: str = "auto"
+    """Where the train (and reference) model runs: `cuda` (each rank's own GPU, LOCAL_RANK; an
+    error without CUDA), `cpu`, or `auto` (cuda when CUDA is available, else cpu)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ValueError(f"trainer.micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.device={self.device!r}; use 'auto', 'cpu' or 'cuda'")
 
 
 @dataclass
@@ -267,12 +272,13 @@ def starts_fresh(cfg: Config) -> bool:
 def _register(config_dir: Path) -> None:
     from hydra.core.config_store import ConfigStore
 
-    from asyncflow.engines import TorchEngineConfig
+    from asyncflow.engines import SGLangEngineConfig, TorchEngineConfig
     from asyncflow.tasks import TASKS
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="engine", name="torch_schema", node=TorchEngineConfig)
+    cs.store(group="engine", name="sglang_schema", node=SGLangEngineConfig)
     for kind, (config_type, _) in TASKS.items():
         cs.store(group="task", name=f"{kind}_schema", node=config_type)
         if not (config_dir / "task" / f"{kind}.yaml").is_file():

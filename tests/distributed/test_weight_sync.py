@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from asyncflow.launch import PlacementConfig, build_meshes
 from asyncflow.models import ModelConfig, build_model
 from asyncflow.weights import WeightSyncConfig, build_weight_sync, iter_state, weight_specs
 
@@ -69,3 +70,33 @@ def test_every_tensor_arrives_bit_exact(tmp_path, kind):
 def test_broadcast_refuses_a_different_model(tmp_path):
     with pytest.raises(AssertionError, match="(?s)rank 1:.*rollout and train models differ"):
         run_ranks(_sync, 2, timeout_s=10, kind="broadcast", tmp=tmp_path, hidden_on_receiver=48)
+
+
+def _split_meshes_on_cpu(rank, world):
+    """The groups a split run builds with the trainer and the engine on CPU, then one sync."""
+    placement = PlacementConfig(kind="split", rollout_ranks=[0], train_ranks=[1])
+    m = build_meshes(placement, 20, torch.device("cpu"), data_plane=True, engine_device="cpu")
+    backends = {name: dist.get_backend(getattr(m, name))
+                for name in ("sync_group", "data_group", "metrics_group")}
+    model = build_model(ModelConfig.from_hf_dict(CFG))
+    model.init_weights(seed=rank)
+    sync = build_weight_sync(WeightSyncConfig(bucket_mb=0.01), weight_specs(model), m.sync_group,
+                             m.sync_src, m.sync_device)
+    if m.is_train:
+        sync.send(iter_state(model), 1)
+        return backends, m.sync_device.type, None
+    engine = RecordingEngine()
+    sync.receive(engine)
+    sender = build_model(ModelConfig.from_hf_dict(CFG))
+    sender.init_weights(seed=1)
+    exact = all(torch.equal(t, engine.staged[n]) for n, t in iter_state(sender))
+    return backends, m.sync_device.type, exact
+
+
+def test_on_cpu_the_sync_and_data_groups_are_gloo_and_weights_arrive():
+    out = run_ranks(_split_meshes_on_cpu, 2)
+    for rank in (0, 1):
+        backends, sync_device, _ = out[rank]
+        assert backends == dict.fromkeys(("sync_group", "data_group", "metrics_group"), "gloo")
+        assert sync_device == "cpu"
+    assert out[0][2] is True  # the rollout rank got train rank 1's weights, bit for bit

@@ -50,6 +50,10 @@ CASES = {  # name: (overrides, given tmp_path; what the line must say)
     "existing run dir": (lambda t: ["run.name=taken", "resume=false"],
                          "already holds a run and resume=false"),
     "cuda without a GPU": (lambda t: ["engine.device=cuda"], "engine.device=cuda: no CUDA device"),
+    "trainer on cuda without a GPU": (lambda t: ["trainer.device=cuda"],
+                                      "trainer.device=cuda: no CUDA device"),
+    "unknown trainer device": (lambda t: ["trainer.device=gpu"],
+                               "trainer.device='gpu'; use 'auto', 'cpu' or 'cuda'"),
     "unwritable run root": (lambda t: ["run.root=/proc/asyncflow_runs"],
                             "run.root=/proc/asyncflow_runs: cannot write under /proc"),
 }
@@ -58,11 +62,11 @@ CASES = {  # name: (overrides, given tmp_path; what the line must say)
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     make_args, message = CASES[case]
-    if case == "cuda without a GPU":
+    if case.endswith("without a GPU"):
         import torch
 
         if torch.cuda.is_available():
-            pytest.skip("this machine has CUDA: engine.device=cuda is valid here")
+            pytest.skip("this machine has CUDA: the override is valid here")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "02"}\nnot json\n')
     _bad_model(tmp_path)
     root = tmp_path / "runs"

@@ -1,4 +1,6 @@
-"""The torch rollout engine against transformers and full forwards (fp32, random tiny models).
+"""The torch rollout engine's own behaviour (fp32, random tiny models): slots, shared prefills,
+sampling, weight commits at step boundaries, control, CUDA graphs. What every engine must do is in
+test_engine_conformance.py.
 
 Every engine test runs on CPU; with `-m gpu` the same tests run with the engine on CUDA too
 (the `device` fixture), against references computed on CPU unless a test says otherwise."""
@@ -19,47 +21,19 @@ from asyncflow.engines import (
 )
 from asyncflow.engines.decode import GraphedDecodeStep
 from asyncflow.engines.staging import StagedWeights
-from asyncflow.models import ModelConfig, build_model, load_pretrained, save_pretrained
+from asyncflow.models import load_pretrained
+from tests.engines import (
+    batch_atol,
+    full_logprobs,
+    greedy_under,
+    make_requests,
+    random_prompts,
+    weights_of,
+)
 
 from ..waiting import wait_until
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB, EOS = 24, 2
-TINY = dict(architectures=["Qwen2ForCausalLM"], vocab_size=VOCAB, hidden_size=64,
-            intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
-            eos_token_id=EOS)
-LLAMA = dict(TINY, architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
-             num_key_value_heads=1, rope_theta=500.0)
-
-
-def _save(tmp_path_factory, name, hf, seed):
-    model = build_model(ModelConfig.from_hf_dict(hf))
-    model.init_weights(seed=seed, std=0.3)  # large enough that outputs depend on the prompt
-    return save_pretrained(model, tmp_path_factory.mktemp(name))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return _save(tmp_path_factory, "qwen2", TINY, 0)
-
-
-@pytest.fixture(scope="module")
-def tiny_b(tmp_path_factory):
-    """Same shape as `tiny`, other weights: the policy after an update."""
-    return _save(tmp_path_factory, "qwen2b", TINY, 1)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return _save(tmp_path_factory, "llama", LLAMA, 2)
-
-
-def _prompts(n, seed=0, lo=1, hi=12):
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
-    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
 
 
 def _engine(path, device, **kw):
@@ -67,56 +41,8 @@ def _engine(path, device, **kw):
     return build_rollout_engine(TorchEngineConfig(device=device, **kw), path)
 
 
-def _reqs(prompts, **sp):
-    return [GenerationRequest(f"r{i}", p, SamplingParams(**sp)) for i, p in enumerate(prompts)]
-
-
-def _batch_atol(device):
-    """How far a row's fp32 log-probs may move when the rest of the batch changes: on CPU the
-    sums run in the same order whatever the batch; cuBLAS picks its kernel (and so the order of
-    the sums) by the batch size, which moved one log-prob by 1.4e-5 on an H200."""
-    return 1e-5 if device == "cpu" else 1e-4
-
-
-def _full_logprobs(model, prompt, tokens, temperature):
-    """Log-probs of `tokens` after `prompt` from one forward of `model` (on its device), on CPU."""
-    ids = torch.tensor([prompt + tokens], device=model.lm_head.weight.device)
-    with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1: -1].float().cpu() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-
-
-@pytest.mark.parametrize("ckpt", ["tiny", "llama"])
-def test_greedy_matches_transformers_generate_with_continuous_batching(request, ckpt, device):
-    path = request.getfixturevalue(ckpt)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    prompts = _prompts(12, seed=3)
-    # 4 slots for 12 requests of mixed lengths: finished rows are refilled mid-batch.
-    outs = _engine(path, device, max_batch_size=4).generate(_reqs(prompts, max_new_tokens=24,
-                                                          temperature=0))
-    reasons = set()
-    for p, c in zip(prompts, outs, strict=True):
-        ids = torch.tensor([p])
-        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                            do_sample=False, eos_token_id=EOS, pad_token_id=0)[0, len(p):]
-        assert c.token_ids == want.tolist(), (p, c.finish_reason)
-        reasons.add(c.finish_reason)
-    assert reasons == {"stop", "length"}  # both ends exercised
-
-
-def test_batch_of_mixed_lengths_equals_each_alone(tiny, device):
-    prompts = _prompts(10, seed=4, hi=30)
-    batched = _engine(tiny, device, max_batch_size=3).generate(_reqs(prompts, max_new_tokens=20,
-                                                             temperature=0))
-    engine = _engine(tiny, device, max_batch_size=1)
-    for p, c in zip(prompts, batched, strict=True):
-        alone = engine.generate(_reqs([p], max_new_tokens=20, temperature=0))[0]
-        assert c.token_ids == alone.token_ids
-        assert c.logprobs == pytest.approx(alone.logprobs, abs=_batch_atol(device))
-
-
 def test_finished_low_slots_are_compacted_without_changing_outputs(tiny, device):
-    prompts = _prompts(4, seed=17)
+    prompts = random_prompts(4, seed=17)
     reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n, temperature=0.8,
                                                          seed=i, ignore_eos=True))
             for i, (p, n) in enumerate(zip(prompts, [3, 30, 5, 30], strict=True))]
@@ -129,53 +55,14 @@ def test_finished_low_slots_are_compacted_without_changing_outputs(tiny, device)
     for r in reqs:
         want = alone.generate([r])[0]
         assert got[r.request_id].token_ids == want.token_ids
-        assert got[r.request_id].logprobs == pytest.approx(want.logprobs, abs=_batch_atol(device))
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_full_forward_before_truncation(tiny, temperature, device):
-    prompts = _prompts(8, seed=5)
-    reqs = _reqs(prompts, max_new_tokens=20, temperature=temperature, ignore_eos=True)
-    reqs[1].sampling.top_k, reqs[2].sampling.top_p = 3, 0.5  # truncation must not change them
-    outs = _engine(tiny, device, max_batch_size=4).generate(reqs)
-    model = load_pretrained(tiny)
-    worst = 0.0
-    for p, c in zip(prompts, outs, strict=True):
-        assert len(c.token_ids) == len(c.logprobs) == 20
-        got = torch.tensor(c.logprobs)
-        worst = max(worst, (got - _full_logprobs(model, p, c.token_ids, temperature)).abs().max())
-    assert worst <= 1e-4
-
-
-def test_greedy_logprobs_use_temperature_one(tiny, device):
-    p = _prompts(1, seed=6)[0]
-    c = _engine(tiny, device).generate(_reqs([p], max_new_tokens=10, temperature=0, ignore_eos=True))[0]
-    want = _full_logprobs(load_pretrained(tiny), p, c.token_ids, 1.0)
-    assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-4)
-
-
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny, device):
-    prompts = _prompts(6, seed=7)
-    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=16, temperature=1.0,
-                                                         seed=100 + i, ignore_eos=True))
-            for i, p in enumerate(prompts)]
-    a = _engine(tiny, device, max_batch_size=6).generate(reqs)
-    b = _engine(tiny, device, max_batch_size=2).generate(reqs[::-1])[::-1]  # other order, other slots
-    c = _engine(tiny, device, max_batch_size=1).generate(reqs[3:4])
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]
-    assert a[3].token_ids == c[0].token_ids
-    reseeded = [GenerationRequest(r.request_id, r.prompt_ids,
-                                  SamplingParams(max_new_tokens=16, temperature=1.0, seed=7,
-                                                 ignore_eos=True)) for r in reqs]
-    d = _engine(tiny, device, max_batch_size=6).generate(reseeded)
-    assert [x.token_ids for x in d] != [x.token_ids for x in a]
+        assert got[r.request_id].logprobs == pytest.approx(want.logprobs, abs=batch_atol(device))
 
 
 def test_repeated_prompts_share_one_prefill_and_sample_as_if_alone(tiny, device):
     """A GRPO group's n requests share a prompt: the engine prefills it once and copies its keys
     and values into the group's other slots; every request still samples what it samples alone,
     with log-probs of a full forward."""
-    p, q = _prompts(2, seed=11, lo=4)
+    p, q = random_prompts(2, seed=11, lo=4)
     prompts = [p] * 4 + [q] * 3 + [p]  # duplicates, interleaved, in one admission
     reqs = [GenerationRequest(f"r{i}", x, SamplingParams(max_new_tokens=12, temperature=1.0,
                                                          seed=200 + i, ignore_eos=True))
@@ -193,22 +80,23 @@ def test_repeated_prompts_share_one_prefill_and_sample_as_if_alone(tiny, device)
         # copied keys/values are bitwise the prefilled ones; the rows then decode in a batch of
         # 8 instead of 1, which moved one log-prob by 1.3e-5 on CPU (float summation order)
         assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
-        full = _full_logprobs(model, list(r.prompt_ids), c.token_ids, 1.0)
+        full = full_logprobs(model, list(r.prompt_ids), c.token_ids, 1.0)
         assert torch.allclose(torch.tensor(c.logprobs), full, atol=1e-4)
     assert len({tuple(c.token_ids) for c in together[:4]}) > 1  # the seeds do differ
 
 
 def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny, device):
-    prompts = _prompts(6, seed=8)
+    prompts = random_prompts(6, seed=8)
     engine = _engine(tiny, device, max_batch_size=6)
-    greedy = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True))
+    greedy = engine.generate(make_requests(prompts, max_new_tokens=12, temperature=0,
+                                           ignore_eos=True))
     for sp in (dict(top_k=1), dict(top_p=1e-6)):
-        outs = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=1.5, seed=3,
-                                     ignore_eos=True, **sp))
+        outs = engine.generate(make_requests(prompts, max_new_tokens=12, temperature=1.5,
+                                             seed=3, ignore_eos=True, **sp))
         assert [c.token_ids for c in outs] == [c.token_ids for c in greedy], sp
     model = load_pretrained(tiny)
-    outs = engine.generate(_reqs(prompts, max_new_tokens=12, temperature=2.0, top_k=3, seed=4,
-                                 ignore_eos=True))
+    outs = engine.generate(make_requests(prompts, max_new_tokens=12, temperature=2.0, top_k=3,
+                                         seed=4, ignore_eos=True))
     for p, c in zip(prompts, outs, strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([p + c.token_ids]))[0, len(p) - 1: -1]
@@ -218,45 +106,25 @@ def test_top_k_and_top_p_restrict_the_sampled_tokens(tiny, device):
 
 def test_stop_tokens_max_new_tokens_and_context_window(tiny, device):
     engine = _engine(tiny, device, max_seq_len=20)
-    p = _prompts(1, seed=9)[0]
-    free = engine.generate(_reqs([p], max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    p = random_prompts(1, seed=9)[0]
+    free = engine.generate(make_requests([p], max_new_tokens=8, temperature=0, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 8
     stop_at = free.token_ids[3]
     first = free.token_ids.index(stop_at)
-    stopped = engine.generate(_reqs([p], max_new_tokens=8, temperature=0,
-                                    stop_token_ids=(stop_at,)))[0]
+    stopped = engine.generate(make_requests([p], max_new_tokens=8, temperature=0,
+                                            stop_token_ids=(stop_at,)))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: first + 1]
-    long = engine.generate(_reqs([[5] * 15], max_new_tokens=50, temperature=0,
-                                 ignore_eos=True))[0]
+    long = engine.generate(make_requests([[5] * 15], max_new_tokens=50, temperature=0,
+                                         ignore_eos=True))[0]
     assert long.finish_reason == "length" and len(long.token_ids) == 20 - 15
 
 
-def test_bad_requests_fail_alone_and_the_batch_completes(tiny, device):
-    good = _prompts(3, seed=10)
-    reqs = [
-        GenerationRequest("too-long", [5] * 64),
-        GenerationRequest("empty", []),
-        GenerationRequest("no-new-tokens", [5], SamplingParams(max_new_tokens=0)),
-        GenerationRequest("neg-temp", [5], SamplingParams(temperature=-0.5)),
-        GenerationRequest("oov", [5, VOCAB, -1]),
-        GenerationRequest("bad-top-p", [5], SamplingParams(top_p=0.0)),
-    ] + _reqs(good, max_new_tokens=5, temperature=0, ignore_eos=True)
-    outs = {c.request_id: c for c in _engine(tiny, device, max_batch_size=2).generate(reqs)}
-    expected = {"too-long": "context window", "empty": "empty prompt",
-                "no-new-tokens": "max_new_tokens=0", "neg-temp": "temperature=-0.5",
-                "oov": "outside the vocabulary", "bad-top-p": "top_p=0.0"}
-    for rid, phrase in expected.items():
-        assert outs[rid].finish_reason == "error" and phrase in outs[rid].error, outs[rid]
-        assert outs[rid].token_ids == []
-    for i in range(3):
-        assert outs[f"r{i}"].finish_reason == "length" and len(outs[f"r{i}"].token_ids) == 5
-
-
 def test_integer_temperature_and_float_seed_are_admitted_like_floats_and_ints(tiny, device):
-    p = _prompts(2, seed=24)
-    as_ints = _reqs(p, max_new_tokens=6, temperature=1, top_p=1, seed=5.0, ignore_eos=True)
-    as_floats = _reqs(p, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=5, ignore_eos=True)
+    p = random_prompts(2, seed=24)
+    as_ints = make_requests(p, max_new_tokens=6, temperature=1, top_p=1, seed=5.0, ignore_eos=True)
+    as_floats = make_requests(p, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=5,
+                              ignore_eos=True)
     engine = _engine(tiny, device, max_batch_size=2)
     got, want = engine.generate(as_ints), engine.generate(as_floats)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
@@ -268,22 +136,9 @@ def test_duplicate_request_ids_are_refused(tiny, device):
         _engine(tiny, device).generate([GenerationRequest("a", [3]), GenerationRequest("a", [4])])
 
 
-def _state(path):
-    return list(load_pretrained(path).state_dict().items())
-
-
-def _greedy_under(path, prefix, n):
-    model = load_pretrained(path)
-    ids = list(prefix)
-    for _ in range(n):
-        with torch.no_grad():
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prefix):]
-
-
 def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_b, device):
     engine = _engine(tiny, device, max_batch_size=4)
-    prompts = _prompts(3, seed=11)
+    prompts = random_prompts(3, seed=11)
     reqs = [GenerationRequest("short", prompts[0], SamplingParams(max_new_tokens=3, temperature=0,
                                                                   ignore_eos=True))]
     reqs += [GenerationRequest(f"long{i}", p, SamplingParams(max_new_tokens=16, temperature=0,
@@ -292,32 +147,33 @@ def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_
     stream = engine.stream(reqs)
     first = next(stream)
     assert first.request_id == "short" and first.policy_version_end == 0
-    engine.load_weights(_state(tiny_b)[:5])  # buckets
-    engine.load_weights(_state(tiny_b)[5:])
+    engine.load_weights(weights_of(tiny_b)[:5])  # buckets
+    engine.load_weights(weights_of(tiny_b)[5:])
     engine.commit_weights(1)
     assert engine.policy_version == 1
     for c in stream:
         (k, v), = c.version_changes
         assert (c.policy_version_start, c.policy_version_end, v) == (0, 1, 1)
         assert k == 3 and c.policy_version_at(k - 1) == 0 and c.policy_version_at(k) == 1
-        assert c.token_ids[:k] == _greedy_under(tiny, c.prompt_ids, k)
-        assert c.token_ids[k:] == _greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 16 - k)
-        want = _full_logprobs(load_pretrained(tiny_b), c.prompt_ids + c.token_ids[:k],
-                              c.token_ids[k:], 1.0)
+        assert c.token_ids[:k] == greedy_under(tiny, c.prompt_ids, k)
+        assert c.token_ids[k:] == greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 16 - k)
+        want = full_logprobs(load_pretrained(tiny_b), c.prompt_ids + c.token_ids[:k],
+                             c.token_ids[k:], 1.0)
         assert torch.allclose(torch.tensor(c.logprobs[k:]), want, atol=1e-4)
 
 
 def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b, device):
-    prompts = _prompts(3, seed=16)
+    prompts = random_prompts(3, seed=16)
     outs = {}
     for mode in ("recompute", "keep"):
         engine = _engine(tiny, device, max_batch_size=4, kv_on_commit=mode)
-        stream = engine.stream(_reqs(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+        stream = engine.stream(make_requests(prompts, max_new_tokens=12, temperature=0,
+                                             ignore_eos=True)
                                + [GenerationRequest("short", prompts[0],
                                                     SamplingParams(max_new_tokens=2,
                                                                    temperature=0))])
         assert next(stream).request_id == "short"
-        engine.load_weights(_state(tiny_b))
+        engine.load_weights(weights_of(tiny_b))
         engine.commit_weights(1)
         outs[mode] = list(stream)
         assert all(c.version_changes == [(2, 1)] for c in outs[mode])
@@ -328,13 +184,13 @@ def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b,
 
 def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b, device):
     engine = _engine(tiny, device, max_batch_size=4)
-    prompts = _prompts(4, seed=12)
+    prompts = random_prompts(4, seed=12)
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
-        _reqs(prompts, max_new_tokens=40, temperature=0, ignore_eos=True, ))))
+        make_requests(prompts, max_new_tokens=40, temperature=0, ignore_eos=True, ))))
     worker.start()
     wait_until(lambda: engine.health().num_running > 0, 30, "generate running")
-    engine.load_weights(_state(tiny_b))
+    engine.load_weights(weights_of(tiny_b))
     engine.commit_weights(7)  # returns once the new weights are live
     worker.join(timeout=30)
     assert not worker.is_alive()
@@ -344,12 +200,12 @@ def test_commit_from_another_thread_while_generate_runs(tiny, tiny_b, device):
         assert (c.policy_version_start, c.policy_version_end) == (0, 7)
         (k, _), = c.version_changes
         assert 0 < k < 40
-        assert c.token_ids[k:] == _greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 40 - k)
+        assert c.token_ids[k:] == greedy_under(tiny_b, c.prompt_ids + c.token_ids[:k], 40 - k)
 
 
 def test_incomplete_or_mismatched_weights_are_refused(tiny, llama, device):
     engine = _engine(tiny, device)
-    state = _state(tiny)
+    state = weights_of(tiny)
     with pytest.raises(ValueError, match="not a parameter"):
         engine.load_weights([("model.nope.weight", state[0][1])])
     with pytest.raises(ValueError, match="has shape"):
@@ -365,7 +221,7 @@ def test_pause_holds_decoding_and_resume_finishes(tiny, device):
     engine.pause()
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=engine.generate(
-        _reqs(_prompts(2), max_new_tokens=5, temperature=0))))
+        make_requests(random_prompts(2), max_new_tokens=5, temperature=0))))
     worker.start()
     wait_until(lambda: engine.health().num_waiting == 2, 30, "requests queued")
     time.sleep(0.3)  # deliberate: a negative check, nothing is decoded while paused
@@ -377,7 +233,8 @@ def test_pause_holds_decoding_and_resume_finishes(tiny, device):
 
 def test_abort_finishes_running_and_waiting_requests(tiny, device):
     engine = _engine(tiny, device, max_batch_size=2)
-    reqs = _reqs(_prompts(4, seed=13), max_new_tokens=30, temperature=0, ignore_eos=True)
+    reqs = make_requests(random_prompts(4, seed=13), max_new_tokens=30, temperature=0,
+                         ignore_eos=True)
     reqs[0].sampling.max_new_tokens = 2
     stream = engine.stream(reqs)
     assert next(stream).request_id == "r0"
@@ -390,20 +247,20 @@ def test_abort_finishes_running_and_waiting_requests(tiny, device):
 
 def test_a_stream_closed_early_frees_its_slots(tiny, device):
     engine = _engine(tiny, device, max_batch_size=2)
-    stream = engine.stream(_reqs(_prompts(5, seed=15), max_new_tokens=30, temperature=0,
-                                 ignore_eos=True))
+    stream = engine.stream(make_requests(random_prompts(5, seed=15), max_new_tokens=30,
+                                         temperature=0, ignore_eos=True))
     next(stream)
     stream.close()
     assert (engine.health().num_running, engine.health().num_waiting) == (0, 0)
-    again = engine.generate(_reqs(_prompts(1, seed=15), max_new_tokens=30, temperature=0,
-                                  ignore_eos=True))
+    again = engine.generate(make_requests(random_prompts(1, seed=15), max_new_tokens=30,
+                                          temperature=0, ignore_eos=True))
     assert len(again[0].token_ids) == 30
 
 
 def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny, device):
     engine = _engine(tiny, device, max_batch_size=2)
-    stream = engine.stream(_reqs(_prompts(3, seed=18), max_new_tokens=30, temperature=0,
-                                 ignore_eos=True))
+    stream = engine.stream(make_requests(random_prompts(3, seed=18), max_new_tokens=30,
+                                         temperature=0, ignore_eos=True))
     engine.pause()
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=list(stream)))
@@ -414,14 +271,14 @@ def test_shutdown_aborts_a_paused_stream_and_refuses_new_work(tiny, device):
     assert [c.finish_reason for c in result["out"]] == ["abort"] * 3
     assert not engine.health().healthy
     with pytest.raises(ValueError, match="shut down"):
-        engine.generate(_reqs([[3]]))
+        engine.generate(make_requests([[3]]))
 
 
 def test_factory_dispatches_on_kind(tiny):
     assert isinstance(build_rollout_engine(TorchEngineConfig(), tiny), TorchRolloutEngine)
     cfg = TorchEngineConfig()
     cfg.kind = "vllm"
-    with pytest.raises(ValueError, match=r"valid kinds: \['torch'\]"):
+    with pytest.raises(ValueError, match=r"valid kinds: \['torch', 'sglang'\]"):
         build_rollout_engine(cfg, tiny)
     with pytest.raises(ValueError, match="dtype='fp8'"):
         TorchEngineConfig(dtype="fp8")
@@ -438,8 +295,8 @@ def test_engine_config_composes_as_a_structured_config():
 
 
 def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny, device):
-    prompts = _prompts(4, seed=14)
-    reqs = _reqs(prompts, max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
+    prompts = random_prompts(4, seed=14)
+    reqs = make_requests(prompts, max_new_tokens=6, temperature=1.0, seed=1, ignore_eos=True)
     engine = _engine(tiny, device, dtype="bfloat16")
     assert engine.cache.k[0].dtype == torch.bfloat16
     outs = engine.generate(reqs)
@@ -448,7 +305,7 @@ def test_bfloat16_engine_agrees_with_a_bfloat16_full_forward(tiny, device):
     for p, c in zip(prompts, outs, strict=True):
         assert len(c.token_ids) == 6
         got = torch.tensor(c.logprobs)
-        worst = max(worst, (got - _full_logprobs(model, p, c.token_ids, 1.0)).abs().max())
+        worst = max(worst, (got - full_logprobs(model, p, c.token_ids, 1.0)).abs().max())
     assert worst < 0.15, worst  # bf16 logits of magnitude ~20 round by ~0.1
 
 
@@ -464,7 +321,7 @@ def _before_and_after_commit(engine, new_weights, prompts):
                 for i, p in enumerate(prompts)]
 
     first = engine.generate(reqs("a"))
-    engine.load_weights(_state(new_weights))
+    engine.load_weights(weights_of(new_weights))
     engine.commit_weights(1)
     return first + engine.generate(reqs("b"))
 
@@ -480,7 +337,7 @@ def _assert_same_outputs(got, want):
 
 @pytest.mark.slow  # compiles the decode step: ~30 s on 2 CPU cores
 def test_compiled_decode_step_gives_the_same_tokens_and_logprobs_as_eager(tiny, tiny_b, device):
-    prompts = _prompts(12, seed=21)
+    prompts = random_prompts(12, seed=21)
     # The commit is a pointer swap on CPU: the compiled graph must see the new weights.
     outs = {compile: _before_and_after_commit(
         _engine(tiny, device, max_batch_size=5, compile=compile), tiny_b, prompts)
@@ -508,7 +365,7 @@ class _EagerReplay(GraphedDecodeStep):
 
 
 def test_graph_buckets_and_fixed_buffers_give_the_outputs_of_the_plain_step(tiny, tiny_b):
-    prompts = _prompts(12, seed=23)
+    prompts = random_prompts(12, seed=23)
     plain = _engine(tiny, "cpu", max_batch_size=5)
     bucketed = _engine(tiny, "cpu", max_batch_size=5)
     # What the engine does on CUDA with cuda_graphs=True, with eager replays instead of graphs.
@@ -525,7 +382,7 @@ def test_graph_buckets_and_fixed_buffers_give_the_outputs_of_the_plain_step(tiny
 
 @pytest.mark.gpu
 def test_cuda_graphs_give_the_tokens_and_logprobs_of_kernel_launches(tiny, tiny_b):
-    prompts = _prompts(12, seed=22)
+    prompts = random_prompts(12, seed=22)
     engines = {graphs: _engine(tiny, "cuda", max_batch_size=5, cuda_graphs=graphs)
                for graphs in (False, True)}
     # Graphs read the live tensors: the commit must copy into them.
@@ -554,7 +411,7 @@ def test_smollm2_greedy_matches_transformers_generate(device):
                                 "Once upon a time, in a small village"])
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     outs = _engine(path, device, max_batch_size=2, max_seq_len=128).generate(
-        _reqs(prompts, max_new_tokens=32, temperature=0))
+        make_requests(prompts, max_new_tokens=32, temperature=0))
     for p, c in zip(prompts, outs, strict=True):
         ids = torch.tensor([p])
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
@@ -573,8 +430,8 @@ def test_tiny_default_model_greedy_matches_transformers_generate(device):
     tok = Tokenizer.from_pretrained(path)
     problems = AdditionTask(AdditionConfig()).heldout_problems()[:64]
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
-    outs = _engine(path, device, max_batch_size=16).generate(_reqs(prompts, max_new_tokens=5,
-                                                           temperature=0))
+    outs = _engine(path, device, max_batch_size=16).generate(
+        make_requests(prompts, max_new_tokens=5, temperature=0))
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor(prompts)  # fixed-width prompts: no padding
     want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,

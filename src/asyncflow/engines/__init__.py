@@ -12,6 +12,7 @@ from asyncflow.engines.base import (
     RolloutEngineConfig,
     SamplingParams,
 )
+from asyncflow.engines.sglang_engine import SGLangEngineConfig
 from asyncflow.engines.torch_engine import TorchEngineConfig, TorchRolloutEngine
 from asyncflow.models.transformer import CausalLM
 
@@ -28,7 +29,20 @@ def _build_torch(cfg: RolloutEngineConfig, model_or_path: CausalLM | str | Path,
     return TorchRolloutEngine(model, cfg, policy_version=policy_version)
 
 
-ENGINES = {"torch": _build_torch}
+def _build_sglang(cfg: RolloutEngineConfig, model_or_path: CausalLM | str | Path,
+                  policy_version: int) -> RolloutEngine:
+    if not isinstance(cfg, SGLangEngineConfig):
+        raise TypeError(f"engine kind 'sglang' needs an SGLangEngineConfig, got "
+                        f"{type(cfg).__name__}")
+    if isinstance(model_or_path, CausalLM):
+        raise TypeError("engine kind 'sglang' serves an HF checkpoint directory, not a model "
+                        "object; save it with asyncflow.models.save_pretrained first")
+    from asyncflow.engines.sglang_engine import SGLangRolloutEngine
+
+    return SGLangRolloutEngine(model_or_path, cfg, policy_version=policy_version)
+
+
+ENGINES = {"torch": _build_torch, "sglang": _build_sglang}
 ENGINE_KINDS = tuple(ENGINES)
 
 
@@ -48,6 +62,7 @@ __all__ = [
     "GenerationRequest",
     "RolloutEngine",
     "RolloutEngineConfig",
+    "SGLangEngineConfig",
     "SamplingParams",
     "TorchEngineConfig",
     "TorchRolloutEngine",

@@ -15,6 +15,9 @@ The protocol is shaped after SGLang's RL surface so that an adapter is a thin ma
 | pause / resume            | `pause_generation(mode="in_place")` / `continue_generation`   |
 | abort(request_ids)        | `abort_request(rid)`                                          |
 | health / shutdown         | `/health_generate` / `shutdown`                               |
+
+`asyncflow.engines.sglang_engine` is that adapter; its docstring says what differs in the
+SGLang version it targets.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class RolloutEngineConfig:
 
     kind: str = "torch"
     """Which engine: one of `asyncflow.engines.ENGINE_KINDS`."""
+    device: str = "cpu"
+    """Where the engine runs: "cpu", "cuda", "cuda:1", ... ("cuda" is the rank's own GPU)."""
 
 
 @dataclass
@@ -122,6 +127,46 @@ class Completion:
             if token_index >= start:
                 version = v
         return version
+
+
+def check_unique_ids(requests: Sequence[GenerationRequest]) -> None:
+    """ValueError if two requests share an id (their completions could not be told apart)."""
+    ids = [r.request_id for r in requests]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"request ids {dup} appear more than once; ids must be unique")
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, window: int) -> list[int]:
+    """The prompt as a list of ints; ValueError if it is empty, leaves no room for a token in a
+    context window of `window` positions, or holds ids outside [0, vocab_size)."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("empty prompt; pass at least one token id (e.g. bos)")
+    if len(prompt) >= window:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context "
+                         f"window of {window}; shorten it or raise max_seq_len")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                         f"[0, {vocab_size})")
+    return prompt
+
+
+def in_request_order(requests: Sequence[GenerationRequest],
+                     completions: Iterable[Completion]) -> list[Completion]:
+    """The completions of `requests` (ids unique), in request order."""
+    order = {r.request_id: i for i, r in enumerate(requests)}
+    out: list[Completion | None] = [None] * len(requests)
+    for c in completions:
+        out[order[c.request_id]] = c
+    return out  # type: ignore[return-value]
+
+
+def refused(req: GenerationRequest, message: str, policy_version: int) -> Completion:
+    """The completion of a request an engine refused: no tokens, finish_reason "error"."""
+    return Completion(req.request_id, list(req.prompt_ids), [], [], "error", policy_version,
+                      policy_version, error=message)
 
 
 @dataclass

@@ -49,6 +49,10 @@ from asyncflow.engines.base import (
     FinishReason,
     GenerationRequest,
     RolloutEngineConfig,
+    check_prompt,
+    check_unique_ids,
+    in_request_order,
+    refused,
 )
 from asyncflow.engines.decode import GraphedDecodeStep, build_decode_step
 from asyncflow.engines.kv_cache import SlotKVCache
@@ -127,13 +131,6 @@ def _padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
     """int64 [len(rows), width] on CPU: each row's ids, then `fill` (one tensor from one nested
     list: a copy per row costs more than the rest of a prefill of the tiny model)."""
     return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-def _check_unique(requests: Sequence[GenerationRequest]) -> None:
-    ids = [r.request_id for r in requests]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"request ids {dup} appear more than once; ids must be unique")
 
 
 class TorchRolloutEngine:
@@ -249,17 +246,13 @@ class TorchRolloutEngine:
     # ---- protocol: generation -------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        order = {r.request_id: i for i, r in enumerate(requests)}
-        _check_unique(requests)
-        out: list[Completion | None] = [None] * len(requests)
-        for c in self.stream(requests):
-            out[order[c.request_id]] = c
-        return out  # type: ignore[return-value]
+        check_unique_ids(requests)
+        return in_request_order(requests, self.stream(requests))
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[Completion]:
         if not self._healthy:
             raise ValueError("engine was shut down; build a new one")
-        _check_unique(requests)
+        check_unique_ids(requests)
         with self._gen_lock:
             for req in requests:
                 try:
@@ -278,16 +271,7 @@ class TorchRolloutEngine:
     def _check(self, req: GenerationRequest) -> _Seq:
         sp = req.sampling
         sp.check(self.vocab_size)
-        prompt = [int(t) for t in req.prompt_ids]
-        if not prompt:
-            raise ValueError("empty prompt; pass at least one token id (e.g. bos)")
-        if len(prompt) >= self.window:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the context "
-                             f"window of {self.window}; shorten it or raise max_seq_len")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+        prompt = check_prompt(req.prompt_ids, self.vocab_size, self.window)
         stop = [] if sp.ignore_eos else list(
             self.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids)
         seed = sp.seed if sp.seed is not None else int(
@@ -296,8 +280,7 @@ class TorchRolloutEngine:
 
     def _error(self, req: GenerationRequest, msg: str) -> Completion:
         logger.warning("request %s refused: %s", req.request_id, msg)
-        return Completion(req.request_id, list(req.prompt_ids), [], [], "error", self._version,
-                          self._version, error=msg)
+        return refused(req, msg, self._version)
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -3,6 +3,13 @@
 Every `new_group` is created by every rank in the same order (a torch.distributed rule; breaking
 it hangs), each with the configured timeout so a dead peer surfaces as an error, not a hang.
 `colocated` puts every rank in both meshes (time-sliced): the baseline users compare against.
+
+Backends: the weight-sync group (train rank 0 + the rollout ranks) uses NCCL when the train mesh
+and the rollout engines are both on CUDA, so weights go GPU to GPU, and gloo with CPU tensors
+otherwise. The queue's data plane and the metrics group are gloo over CPU tensors whatever the
+devices: RL rows are small. Only train rank 0 belongs both to the sync group and to the train
+mesh's NCCL group, so the two communicators (the sync runs on a background thread) share no pair
+of ranks that could order their collectives differently.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class Meshes:
     runs beside the train stage's, and two threads must not share a group."""
     data_group: dist.ProcessGroup | None = None
     """Every rank, gloo: the queue's data plane with transport='dist'."""
+    sync_device: torch.device = torch.device("cpu")
+    """Where weight-sync buffers live: this rank's GPU with an NCCL sync group, else the CPU."""
 
     @property
     def is_rollout(self) -> bool:
@@ -94,13 +103,27 @@ class Meshes:
         return self.train_ranks[0]
 
 
-def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
-    """init_process_group from torchrun's environment: NCCL with CUDA, gloo on CPU."""
+def train_device_type(setting: str) -> str:
+    """"cuda" or "cpu" for `trainer.device` (auto: cuda when CUDA is available)."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device=cuda: no CUDA device here (torch {torch.__version__}); "
+                         "use trainer.device=cpu or auto")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def init_distributed(timeout_s: float, train_device: str = "auto"
+                     ) -> tuple[int, int, torch.device]:
+    """init_process_group from torchrun's environment: NCCL for CUDA tensors and gloo for CPU
+    ones when this rank trains on its GPU (`trainer.device`), gloo alone otherwise. Returns
+    (rank, world size, this rank's train device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "cuda:nccl,cpu:gloo"
+    if torch.cuda.is_available():  # "cuda" then means this rank's GPU, for an engine too
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if train_device_type(train_device) == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "cuda:nccl,cpu:gloo"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -116,17 +139,28 @@ def init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def sync_backend(train_device: torch.device, engine_device: str) -> str:
+    """Backend of the weight-sync group: "nccl" when the trainer (`train_device`) and the rollout
+    engines (`engine.device`) are both on CUDA, else "gloo" (weights travel as CPU tensors)."""
+    both_cuda = train_device.type == "cuda" and torch.device(engine_device).type == "cuda"
+    return "nccl" if both_cuda else "gloo"
+
+
 def build_meshes(cfg: PlacementConfig, timeout_s: float, device: torch.device,
-                 reference: bool = False, data_plane: bool = False) -> Meshes:
+                 reference: bool = False, data_plane: bool = False,
+                 engine_device: str = "cpu") -> Meshes:
     """Every process group of a run, made here and only here: same groups, same order, on every
-    rank. `reference`: a group for the reference stage; `data_plane`: one for the queue."""
+    rank. `device`: this rank's train device; `engine_device`: the rollout engines' (together
+    they pick the sync group's backend); `reference`: a group for the reference stage;
+    `data_plane`: one for the queue."""
     rank, world = dist.get_rank(), dist.get_world_size()
     rollout, train = cfg.resolve(world)
     timeout = timedelta(seconds=timeout_s)
     train_group = dist.new_group(train, timeout=timeout)
     rollout_group = dist.new_group(rollout, timeout=timeout)
     sync_ranks = sorted({train[0], *rollout})
-    sync_group = dist.new_group(sync_ranks, timeout=timeout)
+    backend = sync_backend(device, engine_device)
+    sync_group = dist.new_group(sync_ranks, timeout=timeout, backend=backend)
     everyone = list(range(world))
     metrics_group = dist.new_group(everyone, timeout=timeout, backend="gloo")
     reference_group = dist.new_group(train, timeout=timeout) if reference else None
@@ -135,6 +169,8 @@ def build_meshes(cfg: PlacementConfig, timeout_s: float, device: torch.device,
     meshes = Meshes(rank, world, rollout, train, device, train_mesh,
                     rollout_group if rank in rollout else None,
                     sync_group if rank in sync_ranks else None, metrics_group,
-                    reference_group if rank in train else None, data_group)
-    logger.info("placement %s: rollout ranks %s, train ranks %s", cfg.kind, rollout, train)
+                    reference_group if rank in train else None, data_group,
+                    device if backend == "nccl" else torch.device("cpu"))
+    logger.info("placement %s: rollout ranks %s, train ranks %s; weight sync over %s",
+                cfg.kind, rollout, train, backend)
     return meshes

@@ -45,6 +45,9 @@ def preflight(overrides: list[str], nproc: int, config_dir: str | None = None,
         if not torch.cuda.is_available():
             raise ValueError(f"engine.device={cfg.engine.device}: no CUDA device here "
                              f"(torch {torch.__version__}); use engine.device=cpu")
+    from asyncflow.launch.placement import train_device_type
+
+    train_device_type(cfg.trainer.device)  # trainer.device=cuda needs CUDA
     return cfg
 
 

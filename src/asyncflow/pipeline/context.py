@@ -210,10 +210,11 @@ def open_run(cfg: Config) -> RunContext:
     torch.manual_seed(cfg.run.seed)
     stop = StopControl(cfg.run.timeout_s)  # signals caught from the start
     owns = not dist.is_initialized()
-    _, _, device = init_distributed(cfg.run.timeout_s)
+    _, _, device = init_distributed(cfg.run.timeout_s, cfg.trainer.device)
     meshes = build_meshes(cfg.placement, cfg.run.timeout_s, device,
                           reference=cfg.algorithm.kl_coef > 0,
-                          data_plane=cfg.queue.transport == "dist")
+                          data_plane=cfg.queue.transport == "dist",
+                          engine_device=cfg.engine.device)
     name = broadcast_str(cfg.run.name or default_run_name())
     run_dir = Path(cfg.run.root) / name
     resume = _open_run_dir(cfg, run_dir, meshes.rank)

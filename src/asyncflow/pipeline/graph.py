@@ -144,7 +144,7 @@ def weight_sync(ctx: RunContext):
 
         meta = build_model(ctx.model_cfg, device="meta")
         return build_weight_sync(ctx.cfg.weight_sync, weight_specs(meta), m.sync_group,
-                                 m.sync_src, m.device, ctx.run_dir)
+                                 m.sync_src, m.sync_device, ctx.run_dir)
 
     return ctx.shared("weight_sync", make)
 

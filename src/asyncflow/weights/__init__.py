@@ -10,8 +10,10 @@
 Both ends derive the same tensor list (HF names, shapes, dtypes, in state-dict order) from the
 model config, so only a small header and raw bucket bytes travel; the header lets a receiver
 refuse a mismatched model with a clear error instead of silently mis-assigning bytes.
-Strategies: `broadcast` (torch.distributed on the sync group; NCCL for CUDA tensors) and `disk`
-(one safetensors file per version, any engine can read it).
+Strategies: `broadcast` (torch.distributed on the sync group: NCCL with GPU buffers when the
+train mesh and the engines are both on CUDA, gloo with CPU buffers otherwise; see
+`launch.placement.sync_backend`) and `disk` (one safetensors file per version, any engine can read
+it).
 """
 
 from __future__ import annotations
