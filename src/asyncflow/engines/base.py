@@ -153,6 +153,14 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int, window: int) -> lis
     return prompt
 
 
+def request_seed(sampling: SamplingParams, rng: torch.Generator) -> int:
+    """The request's own seed, or one drawn from the engine's generator (never a fixed default:
+    a group's copies of one prompt must sample independently)."""
+    if sampling.seed is not None:
+        return sampling.seed
+    return int(torch.randint(0, 2**62, (), generator=rng))
+
+
 def in_request_order(requests: Sequence[GenerationRequest],
                      completions: Iterable[Completion]) -> list[Completion]:
     """The completions of `requests` (ids unique), in request order."""

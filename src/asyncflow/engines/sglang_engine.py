@@ -95,6 +95,7 @@ from asyncflow.engines.base import (
     check_unique_ids,
     in_request_order,
     refused,
+    request_seed,
 )
 from asyncflow.log import get_logger
 from asyncflow.models import ModelConfig, build_model
@@ -424,9 +425,8 @@ class SGLangRolloutEngine:
             try:
                 req.sampling.check(self.vocab_size)
                 prompt = check_prompt(req.prompt_ids, self.vocab_size, self.window)
-                seed = req.sampling.seed if req.sampling.seed is not None else int(
-                    torch.randint(0, 2**62, (), generator=self._rng))
-                params = sampling_kwargs(req.sampling, self.eos_ids, seed)
+                params = sampling_kwargs(req.sampling, self.eos_ids,
+                                         request_seed(req.sampling, self._rng))
             except ValueError as e:
                 logger.warning("request %s refused: %s", req.request_id, e)
                 yield refused(req, str(e), self._version)

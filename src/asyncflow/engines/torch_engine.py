@@ -53,6 +53,7 @@ from asyncflow.engines.base import (
     check_unique_ids,
     in_request_order,
     refused,
+    request_seed,
 )
 from asyncflow.engines.decode import GraphedDecodeStep, build_decode_step
 from asyncflow.engines.kv_cache import SlotKVCache
@@ -274,9 +275,7 @@ class TorchRolloutEngine:
         prompt = check_prompt(req.prompt_ids, self.vocab_size, self.window)
         stop = [] if sp.ignore_eos else list(
             self.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids)
-        seed = sp.seed if sp.seed is not None else int(
-            torch.randint(0, 2**62, (), generator=self._rng))
-        return _Seq(req, prompt, seed, stop)
+        return _Seq(req, prompt, request_seed(sp, self._rng), stop)
 
     def _error(self, req: GenerationRequest, msg: str) -> Completion:
         logger.warning("request %s refused: %s", req.request_id, msg)

@@ -41,8 +41,6 @@ class StopControl:
 
     def agreed(self, group) -> bool:
         """Train mesh, at a step boundary: whether any of its ranks was asked to stop."""
-        if dist.get_world_size(group) == 1:
-            return self.requested.is_set()
         stopping = torch.tensor([float(self.requested.is_set())])
         dist.all_reduce(stopping, dist.ReduceOp.MAX, group=group)
         return bool(stopping.item())
