@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncflow.queue.schema import Ragged
+
 
 @dataclass
 class PackedBatch:
@@ -27,11 +29,13 @@ class PackedBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask_BT.sum())
 
-    def scatter_response(self, values: list[torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+    def scatter_response(self, values: Ragged | list[torch.Tensor],
+                         fill: float = 0.0) -> torch.Tensor:
         """Place per-row response-aligned values (length R_b each) onto the target grid [B, T]."""
-        out_BT = torch.full(self.targets_BT.shape, fill, dtype=values[0].dtype,
+        flat = values.values if isinstance(values, Ragged) else torch.cat(values)
+        out_BT = torch.full(self.targets_BT.shape, fill, dtype=flat.dtype,
                             device=self.targets_BT.device)
-        out_BT[self.response_mask_BT.bool()] = torch.cat(values).to(out_BT.device)
+        out_BT[self.response_mask_BT.bool()] = flat.to(out_BT.device)
         return out_BT
 
     def gather_response(self, grid_BT: torch.Tensor) -> list[torch.Tensor]:
@@ -40,23 +44,36 @@ class PackedBatch:
         return list(grid_BT[self.response_mask_BT.bool()].split(lengths))
 
 
-def pack(prompts: list[torch.Tensor], responses: list[torch.Tensor],
+def _as_ragged(rows: Ragged | list[torch.Tensor]) -> Ragged:
+    if isinstance(rows, Ragged):
+        return rows
+    values = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+    return Ragged.from_lengths(values, torch.tensor([len(r) for r in rows], dtype=torch.int64))
+
+
+def pack(prompts: Ragged | list[torch.Tensor], responses: Ragged | list[torch.Tensor],
          device: str | torch.device = "cpu") -> PackedBatch:
-    if len(prompts) != len(responses) or not prompts:
+    """Rows given as `Ragged` columns or lists of 1-D tensors; a few tensor ops for the whole
+    batch, none per row (a hot path: it runs on every micro-batch of every step)."""
+    p, r = _as_ragged(prompts), _as_ragged(responses)
+    if len(p) != len(r) or not len(p):
         raise ValueError(f"pack needs as many prompts as responses (>0), got "
-                         f"{len(prompts)} and {len(responses)}")
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    B, L = len(prompts), max(lengths)
+                         f"{len(p)} and {len(r)}")
+    P, R = p.lengths, r.lengths
+    if bool((P < 1).any()):
+        raise ValueError(f"row {int(torch.nonzero(P < 1)[0])}: empty prompt")
+    B, lengths = len(p), P + R
+    L = int(lengths.max())
+    row = torch.arange(B)
     ids_BL = torch.zeros(B, L, dtype=torch.long)
-    mask_BL = torch.zeros(B, L, dtype=torch.long)
-    resp_BT = torch.zeros(B, L - 1, dtype=torch.long)
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        P, R = len(p), len(r)
-        if P < 1:
-            raise ValueError(f"row {b}: empty prompt")
-        ids_BL[b, :P] = p
-        ids_BL[b, P:P + R] = r
-        mask_BL[b, :P + R] = 1
-        resp_BT[b, P - 1:P - 1 + R] = 1
+    # token k of the values sits at (its row, k - its row's first value + its row's column 0)
+    for part, col0 in ((p, torch.zeros(B, dtype=torch.long)), (r, P)):
+        n = part.values.shape[0]
+        ids_BL[torch.repeat_interleave(row, part.lengths, output_size=n),
+               torch.arange(n) - torch.repeat_interleave(part.offsets[:-1] - col0, part.lengths,
+                                                         output_size=n)] = part.values.long()
+    mask_BL = (torch.arange(L) < lengths[:, None]).long()
+    t = torch.arange(L - 1)
+    resp_BT = ((t >= P[:, None] - 1) & (t < (P + R)[:, None] - 1)).long()
     ids_BL, mask_BL, resp_BT = ids_BL.to(device), mask_BL.to(device), resp_BT.to(device)
     return PackedBatch(ids_BL, mask_BL, ids_BL[:, 1:], resp_BT)

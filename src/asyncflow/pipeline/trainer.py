@@ -24,7 +24,7 @@ from asyncflow.engines.fsdp_engine import FSDPTrainEngine
 from asyncflow.engines.sequences import PackedBatch, pack
 from asyncflow.log import get_logger
 from asyncflow.pipeline.stage import Metrics, StageBase
-from asyncflow.pipeline.stages import StepShape, _rows, group_range, stalled
+from asyncflow.pipeline.stages import StepShape, group_range, stalled
 from asyncflow.queue import Batch, GroupRangeSampler, QueueClient, StepSampler
 from asyncflow.weights import BackgroundSender
 
@@ -133,8 +133,8 @@ class ReferenceStage(StageBase):
                 if len(batch) == 0:
                     self.engine.logprobs(_dummy_batch(self.engine.device), self.t)
                     continue
-                packed = pack(_rows(batch.columns["prompt_ids"]),
-                              _rows(batch.columns["response_ids"]), self.engine.device)
+                packed = pack(batch.columns["prompt_ids"], batch.columns["response_ids"],
+                              self.engine.device)
                 ref = packed.gather_response(self.engine.logprobs(packed, self.t).cpu())
                 self.q.put({"ref_logprobs": ref}, rows=batch.row_ids, ack=batch)  # ends it
         return m
@@ -198,15 +198,12 @@ class TrainStage(StageBase):
         if self.at_close is not None:
             self.at_close()
 
-    def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: list[int]):
-        def kept(column: str) -> list[torch.Tensor]:
-            rows = _rows(batch.columns[column])  # split once, not once per kept row
-            return [rows[i] for i in keep]
-
-        behaviour = packed.scatter_response(kept("behaviour_logprobs"))
-        adv = batch.columns["advantage"][keep].float()
+    def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: torch.Tensor):
+        cols = batch.columns
+        behaviour = packed.scatter_response(cols["behaviour_logprobs"].take(keep))
+        adv = cols["advantage"][keep].float()
         weights = sequence_weights(packed.response_mask_BT, self.algo.aggregation)
-        ref = packed.scatter_response(kept("ref_logprobs")) if self.use_kl else None
+        ref = packed.scatter_response(cols["ref_logprobs"].take(keep)) if self.use_kl else None
         return lambda lp: policy_loss(
             lp, behaviour, adv, weights, self.algo.clip_low, self.algo.clip_high,
             tis_cap=self.algo.tis_cap, ref_logprobs_BT=ref, kl_coef=self.algo.kl_coef,
@@ -216,37 +213,39 @@ class TrainStage(StageBase):
             proximal_logprobs_BT=lp.detach() if self.algo.proximal else None)
 
     def _record_staleness(self, m: Metrics, batch: Batch) -> None:
-        for row, v in zip(batch.row_ids, batch.policy_versions, strict=True):
-            stale = self.engine.policy_version - v
-            m.max("staleness/max", stale)
-            m.mean("staleness/mean", stale)
-            m.total(f"staleness/count_{stale}", 1)
-            if stale > self.max_staleness:  # the gate makes this impossible: a bug
-                logger.error("row %d has staleness %d > max_staleness %d", row, stale,
-                             self.max_staleness)
-                m.total("staleness/violations", 1)
+        stale = self.engine.policy_version - torch.tensor(batch.policy_versions)
+        m.max("staleness/max", int(stale.max()))
+        m.mean("staleness/mean", float(stale.double().mean()), len(stale))
+        for value, n in zip(*torch.unique(stale, return_counts=True), strict=True):
+            m.total(f"staleness/count_{int(value)}", int(n))
+        for i in torch.nonzero(stale > self.max_staleness).flatten().tolist():
+            # the gate makes this impossible: a bug
+            logger.error("row %d has staleness %d > max_staleness %d", batch.row_ids[i],
+                         int(stale[i]), self.max_staleness)
+            m.total("staleness/violations", 1)
 
     def _micro_batch(self, m: Metrics, batch: Batch, acc: dict[str, float]) -> None:
         """Forward/backward of one micro-batch's rows that carry gradient; every row counts in the
         step's normaliser. A rank with nothing to train runs a zero-weight pass (FSDP collectives
         of every rank stay in step)."""
         eng = self.engine
-        keep = list(range(len(batch)))
+        keep = torch.arange(len(batch))
         if len(batch):
             self._record_staleness(m, batch)
-            responses = _rows(batch.columns["response_ids"])
-            acc["normaliser"] += (sum(len(r) for r in responses)
+            acc["normaliser"] += (int(batch.columns["response_ids"].lengths.sum())
                                   if self.algo.aggregation == "token-mean" else len(batch))
             if not self.use_kl:
-                keep = rows_with_gradient(batch.columns["advantage"])
+                keep = torch.tensor(rows_with_gradient(batch.columns["advantage"]),
+                                    dtype=torch.int64)
             m.total("train/skipped_rows", len(batch) - len(keep))
         with m.span("fwd_bwd"):
-            if not keep:
+            if not len(keep):
                 eng.forward_backward(_dummy_batch(eng.device), lambda lp: (lp.sum() * 0.0, {}),
                                      self.t)
                 return
-            prompts = _rows(batch.columns["prompt_ids"])
-            packed = pack([prompts[i] for i in keep], [responses[i] for i in keep], eng.device)
+            cols = batch.columns
+            packed = pack(cols["prompt_ids"].take(keep), cols["response_ids"].take(keep),
+                          eng.device)
             stats = eng.forward_backward(packed, self._loss_fn(packed, batch, keep), self.t)
         n = packed.num_response_tokens
         acc["trained_tokens"] += n

@@ -208,6 +208,22 @@ class Ragged:
         first = int(offsets[0])
         return Ragged(self.values[first : int(offsets[-1])], offsets - first)
 
+    @staticmethod
+    def gather(values: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> Ragged:
+        """Row i is `values[starts[i] : starts[i] + lengths[i]]` (int64 tensors): one index
+        computation and one `index_select` for all rows, however many (no per-row tensors)."""
+        out = Ragged.from_lengths(values[:0], lengths)
+        total = int(out.offsets[-1])
+        index = torch.arange(total) + torch.repeat_interleave(starts - out.offsets[:-1], lengths,
+                                                               output_size=total)
+        out.values = values.index_select(0, index)
+        return out
+
+    def take(self, rows: list[int] | torch.Tensor) -> Ragged:
+        """The given rows, in the given order, as a new Ragged (values copied once)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        return Ragged.gather(self.values, self.offsets[:-1][rows], self.lengths[rows])
+
     def rows(self) -> list[torch.Tensor]:
         return [
             self.values[a:b]

@@ -155,8 +155,17 @@ class MemoryStorage:
                 if all(start[s] == e for s, e in zip(slots, ends[:-1], strict=True)):  # one put
                     return Ragged.from_lengths(base[slots[0]][ends[0] : ends[-1]],
                                                torch.tensor(lens, dtype=torch.int64))
-            return assemble(spec, [base[s].narrow(0, start[s], n)
-                                   for s, n in zip(slots, lens, strict=True)])
+            if not slots:
+                return assemble(spec, [])
+            pieces, pos = [], 0
+            for _, same in itertools.groupby(map(base.__getitem__, slots), key=id):
+                run = slots[pos : pos + len(list(same))]  # rows of one put: one gather
+                pieces.append(Ragged.gather(base[run[0]], torch.tensor([start[s] for s in run]),
+                                            torch.tensor(lens[pos : pos + len(run)])))
+                pos += len(run)
+            if len(pieces) == 1:
+                return pieces[0]
+            return Ragged.from_lengths(torch.cat([p.values for p in pieces]), torch.tensor(lens))
         if not slots:
             return torch.empty((0, *spec.shape), dtype=spec.torch_dtype) if out is None else out
         bases, starts = list(map(base.__getitem__, slots)), list(map(start.__getitem__, slots))
