@@ -27,6 +27,7 @@ from asyncflow.engines.sequences import pack
 from asyncflow.models import Tokenizer, load_pretrained
 from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
+from asyncflow.train import keep_freed_memory
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write per-step times and rewards as JSON")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the default config")
     args = ap.parse_args()
+    keep_freed_memory()  # what every asyncflow rank does: the comparison is not about malloc
     cfg = load_config(args.overrides)
     torch.set_num_threads(args.threads)
     seed = cfg.run.seed
