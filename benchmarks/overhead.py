@@ -14,7 +14,9 @@ Each repeat runs every schedule once, in an order rotated per repeat, so load on
 hits them alike; ratios are taken within a repeat. Per run: the median step time over the steps
 after a warm-up (held-out evaluation runs only at the first and last step, which are excluded),
 and the median number of rows trained per step (rows with a non-zero advantage), which sets the
-train cost and follows how well the model does, so runs are compared at the same stage.
+train cost and follows how well the model does, so runs are compared at the same stage. For the
+plain loop also the share of its step that forward, backward and the optimizer take: the floor of
+any schedule with one train rank.
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ def run_one(root: Path, name: str, schedule: str, steps: int, extra: list[str]) 
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     if kind == "plain":
         rec = json.loads(out_file.read_text())
-        times, trained = rec["step_time_s"], rec["trained_rows"]
+        times, trained, train_s = rec["step_time_s"], rec["trained_rows"], rec["train_s"]
     else:
         lines = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
         lines = [x for x in lines if x["step"] < steps]
         times = [x["perf/step_time_s"] for x in lines]
         trained = [256 - x["train/skipped_rows"] for x in lines]
     body = slice(WARMUP, steps - 1)  # the last step holds the final checkpoint and evaluation
-    return {"step_s": statistics.median(times[body]), "trained": statistics.median(trained[body])}
+    out = {"step_s": statistics.median(times[body]), "trained": statistics.median(trained[body])}
+    if kind == "plain":  # forward/backward/optimizer: what one train rank must do alone per step
+        out["train_share"] = statistics.median(train_s[body]) / out["step_s"]
+    return out
 
 
 def fmt(xs: list[float], spec: str = ".3f") -> str:
@@ -108,6 +113,11 @@ def main() -> None:
         goal = f"<= {GOALS[key]:.2f}" if key in GOALS else "-"
         lines.append(f"| {key} | {fmt([r['step_s'] for r in rs])} | "
                      f"{fmt([r['trained'] for r in rs], '.0f')} | {fmt(ratio, '.2f')} | {goal} |")
+    if "plain" in res:
+        share = fmt([r["train_share"] for r in res["plain"]], ".2f")
+        lines.append(f"\nThe plain loop's forward, backward and optimizer step take {share} of its "
+                     "step: a split schedule, whose one train rank does that work alone, cannot "
+                     "go below it.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:

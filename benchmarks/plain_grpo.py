@@ -56,7 +56,7 @@ def main() -> None:
                               temperature=cfg.rollout.temperature)
     eos = [tok.eos_id]
     record: dict[str, list[float]] = {
-        k: [] for k in ("step_time_s", "gen_s", "train_s", "reward", "trained_rows")}
+        k: [] for k in ("step_time_s", "gen_s", "score_s", "train_s", "reward", "trained_rows")}
     t_last = time.perf_counter()
     for step in range(args.steps):
         problems = [task.train_problem(step * P + i) for i in range(P)]
@@ -69,6 +69,7 @@ def main() -> None:
         reward_GN = torch.tensor([_score(task, tok, eos, c, problems[i // N].answer)
                                   for i, c in enumerate(comps)]).view(P, N)
         adv = group_advantages(reward_GN)[0].flatten()
+        t_score = time.perf_counter()
 
         normaliser = sum(len(c.token_ids) for c in comps)  # token-mean over every row
         keep = [i for i in range(P * N) if adv[i] != 0]  # zero advantage: zero gradient
@@ -98,7 +99,8 @@ def main() -> None:
 
         now = time.perf_counter()
         for k, v in (("step_time_s", now - t_last), ("gen_s", t_gen - t_last),
-                     ("train_s", t_train - t_gen), ("reward", reward_GN.mean().item()),
+                     ("score_s", t_score - t_gen), ("train_s", t_train - t_score),
+                     ("reward", reward_GN.mean().item()),
                      ("trained_rows", len(keep))):
             record[k].append(v)
         t_last = now

@@ -116,9 +116,9 @@ class PromptStage(StageBase):
         N = self.shape.group_size
         groups = range(*group_range(step, self.shape.prompts_per_step))
         problems = [self.task.train_problem(g) for g in groups]
-        encoded = [encode_problem(self.tok, p) for p in problems]  # once per problem
-        rows = [ids for ids in encoded for _ in range(N)]  # the N rows of a group: one prompt
-        prompt_ids = Ragged.from_lists(rows, torch.long)
+        encoded = Ragged.from_lists([encode_problem(self.tok, p) for p in problems], torch.long)
+        # the N rows of a group share its prompt: one encoding per problem, copied by one gather
+        prompt_ids = encoded.take(torch.arange(len(problems)).repeat_interleave(N))
         uids = torch.tensor([p.uid for p in problems for _ in range(N)], dtype=torch.long)
         group_ids = [g for g in groups for _ in range(N)]
         self.q.put({"prompt_ids": prompt_ids, "uid": uids}, step=step, group_ids=group_ids,
