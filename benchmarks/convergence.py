@@ -11,7 +11,8 @@ sets `model.tiny.seed` to the seed, so each seed has its own warm start: a diffe
 model, which matters far more than the RL seed (see RESULTS.md). Runs are interleaved seed-major
 so load on a shared machine hits every eta alike. Reported per run: starting and final greedy held-out accuracy (512
 prompts), its lowest value after the start, and the seconds of step time (sum of
-`perf/step_time_s`, start-up and evaluation excluded) and steps to first reach 0.5, 0.7 and 0.9.
+`perf/step_time_s`: start-up excluded, evaluations included where they delayed a step) and steps
+to first reach 0.5, 0.7 and 0.9.
 A run collapses when its accuracy ends below where it started.
 """
 
@@ -106,7 +107,8 @@ def main() -> None:
            "the default warm start, model.tiny.seed=0, for every seed")
         + f"), greedy held-out accuracy on 512 "
         f"prompts every {args.eval_every} steps; seconds are step time (sum of "
-        "`perf/step_time_s`), start-up and evaluation excluded.\n", *rows, ""])
+        "`perf/step_time_s`), start-up excluded, evaluations included where they delayed a "
+        "step.\n", *rows, ""])
     print(text)
     if args.write:
         with open(args.write, "a") as f:
