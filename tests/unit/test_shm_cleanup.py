@@ -44,3 +44,26 @@ def test_a_queue_host_marks_its_session_and_removes_the_mark_on_close():
     assert not marker.exists()
     mark_owner("unused")  # no error without a session's slabs either
     Path("/dev/shm/asyncflow-unused-owner").unlink()
+
+
+def test_a_rank_closing_while_the_host_removes_its_slabs_does_not_fail(monkeypatch):
+    """The host unlinks every slab of the session when it closes, possibly while a rank closes
+    its own storage: the rank must not fail on a file that went between a check and its unlink
+    (the race is pinned by making every existence check say yes)."""
+    import torch
+
+    from asyncflow.queue import ColumnSpec, Ragged
+    from asyncflow.queue.schema import Schema
+    from asyncflow.queue.storage import SharedMemoryStorage, unlink_session
+
+    session = "test" + uuid.uuid4().hex[:8]
+    schema = Schema([ColumnSpec("ids", "int64", [4], ragged=True)])
+    storage = SharedMemoryStorage(schema, session, 1, num_slots=8)
+    storage.write([0, 1], {"ids": Ragged.from_lists([[1, 2], [3]], torch.long)})
+    paths = storage.slabs.paths()
+    assert paths and all(os.path.exists(p) for p in paths)
+    unlink_session(session)  # the host got there first
+    monkeypatch.setattr(os.path, "exists", lambda _: True)
+    storage.close()
+    monkeypatch.undo()
+    assert not any(os.path.exists(p) for p in paths)
