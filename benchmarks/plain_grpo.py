@@ -25,9 +25,9 @@ from asyncflow.engines import GenerationRequest, SamplingParams, build_rollout_e
 from asyncflow.engines.fsdp_engine import lr_factor
 from asyncflow.engines.sequences import pack
 from asyncflow.models import Tokenizer, load_pretrained
+from asyncflow.pipeline.runner import keep_freed_memory
 from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
-from asyncflow.train import keep_freed_memory
 
 
 def main() -> None:

@@ -2,16 +2,10 @@
 
 Parses config, runs the pipeline, and tears down on both paths. A configuration mistake is one
 line on stderr naming the field, and exit code 2, before any work starts.
-
-Each rank first tells glibc's allocator to keep freed memory (`keep_freed_memory`): by default it
-hands freed blocks of a step's activations back to the kernel and takes them again next step, one
-page fault per 4 KiB. Measured on the tiny default, colocated, on a 2-core CPU VM: ~3,200 minor
-page faults per step (~2.8 us each there, ~9 ms of a ~100 ms step) before, ~15 after.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import sys
@@ -22,22 +16,8 @@ from asyncflow.config import ConfigError, load_config, starts_fresh
 from asyncflow.launch.preflight import report_user_error
 from asyncflow.log import setup_logging
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Keep up to 1 GiB of freed heap per arena, and serve blocks under 32 MiB from the heap
-    (glibc). The cost is resident memory that stays at its peak; elsewhere (macOS, musl) this
-    does nothing and returns False."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_MMAP_THRESHOLD, 32 << 20))
-
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()
     setup_logging()
     try:
         cfg = load_config(*config_args(sys.argv[1:] if argv is None else argv))

@@ -16,7 +16,7 @@ import pytest
 
 CODE = """
 import ctypes, resource, torch
-from asyncflow.train import keep_freed_memory
+from asyncflow.pipeline.runner import keep_freed_memory
 
 def faults():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

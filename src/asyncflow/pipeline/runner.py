@@ -15,10 +15,16 @@ once; the queue is derived from it), `schedule.Schedule` (threads or one loop, f
 propagation, the recorder) and `control` (stop requests). On an error this rank drops its queue
 links without any collective call and the error propagates; on success the stages close, the
 recorder finishes, then the queue and the process group are torn down.
+
+`run` first tells glibc's allocator to keep freed memory (`keep_freed_memory`): by default it
+hands freed blocks of a step's activations back to the kernel and takes them again next step, one
+page fault per 4 KiB. Measured on the tiny default, colocated, on a 2-core CPU VM: ~3,200 minor
+page faults per step (~2.8 us each there, ~9 ms of a ~100 ms step) before, 14 after.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,13 +35,27 @@ from asyncflow.pipeline.graph import grpo_graph, with_stages
 from asyncflow.pipeline.schedule import Schedule
 from asyncflow.pipeline.stage import StageDecl
 
-__all__ = ["StopRequested", "run", "timeout_hint"]
+__all__ = ["StopRequested", "keep_freed_memory", "run", "timeout_hint"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Keep up to 1 GiB of freed heap per arena, and serve blocks under 32 MiB from the heap
+    (glibc). The cost is resident memory that stays at its peak; elsewhere (macOS, musl) this
+    does nothing and returns False."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_MMAP_THRESHOLD, 32 << 20))
 
 
 def run(cfg: Config, stages: list[StageDecl] | None = None,
         graph: Callable[[RunContext], list[StageDecl]] = grpo_graph) -> Path:
     """Run the whole pipeline on this rank; returns the run directory. `stages` are added to
     the graph before its train-mesh stages; `graph` replaces the GRPO declaration."""
+    keep_freed_memory()
     ctx = open_run(cfg)
     with ctx.guard():
         decls = with_stages(graph(ctx), stages or [])
