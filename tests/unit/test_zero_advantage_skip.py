@@ -70,7 +70,7 @@ VARIANTS = [dict(), dict(clip_low=0.1, clip_high=0.1), dict(tis_cap=2.0),
 def test_rows_with_zero_advantage_have_exactly_zero_gradient(rows, variant):
     model = _model(torch.float32)
     zero = [i for i in range(B) if rows[3][i] == 0]
-    assert zero and set(zero).isdisjoint(rows_with_gradient(rows[3]))
+    assert zero and set(zero).isdisjoint(rows_with_gradient(rows[3]).tolist())
     grads = _grads(model, rows, zero, 1.0, **variant)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())  # bitwise
 
@@ -79,7 +79,7 @@ def test_rows_with_zero_advantage_have_exactly_zero_gradient(rows, variant):
 def test_skipping_zero_advantage_rows_leaves_the_step_gradient_unchanged(rows, variant):
     prompts, responses, _, adv = rows
     every = list(range(B))
-    keep = rows_with_gradient(adv)
+    keep = rows_with_gradient(adv).tolist()
     assert 0 < len(keep) < B
     aggregation = variant.get("aggregation", "token-mean")
     # the normaliser counts every row of the step, trained or skipped
@@ -99,6 +99,6 @@ def test_skipping_zero_advantage_rows_leaves_the_step_gradient_unchanged(rows, v
 def test_a_nonzero_advantage_row_has_a_gradient(rows):
     """The check above would pass vacuously if no row ever had a gradient."""
     model = _model(torch.float32)
-    one = [rows_with_gradient(rows[3])[0]]
+    one = rows_with_gradient(rows[3])[:1].tolist()
     grads = _grads(model, rows, one, 1.0)
     assert any(g.abs().max() > 0 for g in grads.values())

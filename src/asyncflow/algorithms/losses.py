@@ -26,7 +26,7 @@ def sequence_weights(mask_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
     raise ValueError(f"aggregation={aggregation!r}; use 'token-mean' or 'seq-mean'")
 
 
-def rows_with_gradient(advantages_B: torch.Tensor) -> list[int]:
+def rows_with_gradient(advantages_B: torch.Tensor) -> torch.Tensor:
     """Rows whose `policy_loss` term can have a non-zero gradient (without a KL term).
 
     A row with advantage exactly 0 contributes -min(r * 0, clip(r) * 0) * w = 0 at every token,
@@ -34,7 +34,7 @@ def rows_with_gradient(advantages_B: torch.Tensor) -> list[int]:
     skips its forward/backward and still counts it in the step's normaliser, which leaves the
     step's gradient the same up to float summation order.
     """
-    return torch.nonzero(advantages_B != 0).flatten().tolist()
+    return torch.nonzero(advantages_B != 0).flatten()  # int64 row indexes
 
 
 def kl_penalty(logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, kind: str) -> torch.Tensor:

@@ -44,18 +44,12 @@ class PackedBatch:
         return list(grid_BT[self.response_mask_BT.bool()].split(lengths))
 
 
-def _as_ragged(rows: Ragged | list[torch.Tensor]) -> Ragged:
-    if isinstance(rows, Ragged):
-        return rows
-    values = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
-    return Ragged.from_lengths(values, torch.tensor([len(r) for r in rows], dtype=torch.int64))
-
-
 def pack(prompts: Ragged | list[torch.Tensor], responses: Ragged | list[torch.Tensor],
          device: str | torch.device = "cpu") -> PackedBatch:
     """Rows given as `Ragged` columns or lists of 1-D tensors; a few tensor ops for the whole
     batch, none per row (a hot path: it runs on every micro-batch of every step)."""
-    p, r = _as_ragged(prompts), _as_ragged(responses)
+    p, r = (x if isinstance(x, Ragged) else Ragged.from_rows(x, torch.empty(0, dtype=torch.long))
+            for x in (prompts, responses))
     if len(p) != len(r) or not len(p):
         raise ValueError(f"pack needs as many prompts as responses (>0), got "
                          f"{len(p)} and {len(r)}")

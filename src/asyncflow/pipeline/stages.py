@@ -64,10 +64,6 @@ def group_range(step: int, prompts_per_step: int) -> tuple[int, int]:
     return step * prompts_per_step, (step + 1) * prompts_per_step
 
 
-def _rows(value) -> list[torch.Tensor]:
-    return value.rows() if isinstance(value, Ragged) else list(value.unbind(0))
-
-
 def _id_lists(value) -> list[list[int]]:
     """Each row of a token-id column as a list (one `tolist` for the batch, not one per row)."""
     if not isinstance(value, Ragged):

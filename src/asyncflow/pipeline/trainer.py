@@ -235,8 +235,7 @@ class TrainStage(StageBase):
             acc["normaliser"] += (int(batch.columns["response_ids"].lengths.sum())
                                   if self.algo.aggregation == "token-mean" else len(batch))
             if not self.use_kl:
-                keep = torch.tensor(rows_with_gradient(batch.columns["advantage"]),
-                                    dtype=torch.int64)
+                keep = rows_with_gradient(batch.columns["advantage"])
             m.total("train/skipped_rows", len(batch) - len(keep))
         with m.span("fwd_bwd"):
             if not len(keep):

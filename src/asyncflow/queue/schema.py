@@ -187,6 +187,13 @@ class Ragged:
         return Ragged(values, offsets)
 
     @staticmethod
+    def from_rows(rows: list[torch.Tensor], empty: torch.Tensor) -> Ragged:
+        """Rows given as tensors (concatenated along dim 0); `empty` (no rows, the column's dtype
+        and trailing shape) is the values of a Ragged with no rows."""
+        return Ragged.from_lengths(torch.cat(rows) if rows else empty,
+                                   torch.tensor([r.shape[0] for r in rows], dtype=torch.int64))
+
+    @staticmethod
     def from_lists(rows: list[list], dtype: torch.dtype) -> Ragged:
         """Rows given as Python lists (token ids, log-probs): one tensor for all of them, not one
         per row (a hot path: every generated row goes through it)."""

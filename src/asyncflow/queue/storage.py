@@ -82,11 +82,7 @@ def as_ragged(spec: ColumnSpec, value: Ragged | list[torch.Tensor]) -> Ragged:
 
 def assemble(spec: ColumnSpec, rows: list[torch.Tensor]) -> ColumnValue:
     if spec.ragged:
-        lens = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
-        values = (
-            torch.cat(rows) if rows else torch.empty((0, *spec.shape[1:]), dtype=spec.torch_dtype)
-        )
-        return Ragged.from_lengths(values, lens)
+        return Ragged.from_rows(rows, torch.empty((0, *spec.shape[1:]), dtype=spec.torch_dtype))
     if not rows:
         return torch.empty((0, *spec.shape), dtype=spec.torch_dtype)
     return torch.stack(rows)
