@@ -162,6 +162,35 @@ def test_weight_swap_between_steps_switches_tokens_to_the_new_policy(tiny, tiny_
         assert torch.allclose(torch.tensor(c.logprobs[k:]), want, atol=1e-4)
 
 
+def test_recompute_shares_group_prompts_and_matches_a_fresh_forward(tiny, tiny_b, device):
+    """Recompute prefills each distinct prompt once and then each row's generated tokens: rows
+    of two groups (prompts of different lengths, committed at different token counts) continue
+    exactly as the new weights would from their prefixes."""
+    pA, pB = [5, 9, 13, 17, 21], [4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+    def req(rid, prompt, n, seed):
+        return GenerationRequest(rid, prompt, SamplingParams(max_new_tokens=n, temperature=1.0,
+                                                             seed=seed, ignore_eos=True))
+
+    # 4 slots: s0, s1 end after 2 tokens and free slots for the pB group; a1 ends after 5
+    reqs = [req("s0", pA, 2, 0), req("s1", pA, 2, 1), req("a1", pA, 5, 2), req("a2", pA, 12, 3),
+            req("b1", pB, 12, 4), req("b2", pB, 12, 5)]
+    engine = _engine(tiny, device, max_batch_size=4, min_admit=2)
+    stream = engine.stream(reqs)
+    assert [next(stream).request_id for _ in range(3)] == ["s0", "s1", "a1"]
+    engine.load_weights(weights_of(tiny_b))
+    engine.commit_weights(1)
+    rest = {c.request_id: c for c in stream}
+    assert {r: c.version_changes for r, c in rest.items()} == {"a2": [(5, 1)], "b1": [(4, 1)],
+                                                               "b2": [(4, 1)]}
+    assert rest["b1"].token_ids != rest["b2"].token_ids  # one shared prompt, two continuations
+    new = load_pretrained(tiny_b)
+    for c in rest.values():
+        (k, _), = c.version_changes
+        want = full_logprobs(new, c.prompt_ids + c.token_ids[:k], c.token_ids[k:], 1.0)
+        assert torch.allclose(torch.tensor(c.logprobs[k:]), want, atol=1e-4)
+
+
 def test_keep_mode_reuses_old_keys_and_still_reports_both_versions(tiny, tiny_b, device):
     prompts = random_prompts(3, seed=16)
     outs = {}

@@ -23,7 +23,8 @@ Weights: `load_weights` copies tensors into a staging copy of the parameters whi
 on (any thread); `commit_weights` swaps staging and live tensors (pointer swap, no copy) between
 steps: immediately when no step is running, else at the end of the running step, and returns once
 the new weights are live. With `kv_on_commit="recompute"` running sequences then rebuild their KV
-cache under the new weights (one prefill), so tokens after the commit are exactly what the new
+cache under the new weights (each distinct prompt prefilled once and copied, then every row's
+generated tokens in one more prefill), so tokens after the commit are exactly what the new
 weights give for the same prefix; "keep" reuses the old keys/values (cheaper, approximate).
 `pause` stops new steps until `resume`; commits still apply while paused. Shutdown order:
 `shutdown()` aborts every request and lifts a pause; the running stream yields them as aborted
@@ -56,7 +57,7 @@ from asyncflow.engines.base import (
     request_seed,
 )
 from asyncflow.engines.decode import GraphedDecodeStep, build_decode_step
-from asyncflow.engines.kv_cache import SlotKVCache
+from asyncflow.engines.kv_cache import ExtendKV, SlotKVCache
 from asyncflow.engines.sampling import SamplingBatch, sample_from_logprobs
 from asyncflow.engines.staging import StagedWeights
 from asyncflow.log import get_logger
@@ -370,14 +371,36 @@ class TorchRolloutEngine:
             yield chunk
 
     def _recompute_kv(self) -> None:
+        """Rebuild running sequences' keys/values under the live weights: each distinct prompt
+        once, copied to the slots that share it (as at admission), then each row's generated
+        tokens after its prompt. A GRPO group's n rows cost one prompt prefill instead of n full
+        ones (2.4-2.9x less recompute time for the tiny default's 32 x 8 rows on one CPU thread)."""
         t0 = time.perf_counter()
         running = [s for s in self._slots if s is not None]
+        for chunk in self._chunks(running, [len(s.prompt_ids) for s in running]):
+            self._prefill_shared(chunk)
         pos = self._pos.tolist()
-        for chunk in self._chunks(running, [pos[s.slot] for s in running]):
-            seqs = [self._seq[s.slot, : pos[s.slot]].tolist() for s in chunk]
-            self._prefill([s.slot for s in chunk], seqs)
+        grown = [s for s in running if pos[s.slot] > len(s.prompt_ids)]
+        for chunk in self._chunks(grown, [pos[s.slot] - len(s.prompt_ids) for s in grown]):
+            self._extend(chunk)
         self._kv_stale = False
         self._stall_s += time.perf_counter() - t0
+
+    def _extend(self, chunk: list[_Seq]) -> None:
+        """Write the keys/values of each row's generated tokens (positions len(prompt)..pos-1),
+        attending to the keys before them: the prompt's are already in the cache."""
+        dev = self.device
+        slots_N = torch.tensor([s.slot for s in chunk], device=dev)
+        start_N = torch.tensor([len(s.prompt_ids) for s in chunk], device=dev)
+        pos_N = self._pos[slots_N]
+        T, S = int((pos_N - start_N).max()), int(pos_N.max())
+        # padding positions point past each row's last key (clamped into the cache: a row's
+        # keys end before window - 1), where the next decode step writes before reading
+        pos_NT = (start_N[:, None] + self._ar_L[:T]).clamp(max=self.window - 1)
+        mask_N1TS = (self._ar_L[:S] <= pos_NT[:, :, None])[:, None]
+        self.model.hidden(self._seq[slots_N[:, None], pos_NT], pos_NT,
+                          kv_cache=ExtendKV(self.cache.k, self.cache.v, slots_N, pos_NT, S),
+                          attn_mask_B1TS=mask_N1TS)
 
     def _admit(self) -> list[Completion]:
         free = [i for i, s in enumerate(self._slots) if s is None]
