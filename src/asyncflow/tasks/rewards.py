@@ -11,7 +11,7 @@ weighted by `task.reward_weights=[1.0,0.2]`; no weights = 1.0 each):
   an anchor ("the answer is"), else the last number or expression; 1.0 iff math-verify finds the
   two equivalent (`\\frac{1}{2}` = `0.5` = `1/2`). When the answer is a number, the completion's
   must be a number too: arithmetic left undone (`7 - 5` for 2, which math-verify would accept)
-  scores 0. EOS not needed.
+  scores 0, and so does a fraction not in lowest terms (`14/7` for 2). EOS not needed.
 - `format`: 1.0 iff EOS was generated and the completion marks a final answer, as `\\boxed{...}`
   or `<answer>...</answer>`; a bonus to weight in beside a correctness reward.
 - `pkg.module:function`: the user's `function(completion: str, answer: str, data: dict)
@@ -61,6 +61,18 @@ _USER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _BOXED = re.compile(r"\\boxed\s*\{\s*[^\s}]")
 _RATIO = re.compile(r"[-+]?\d+\s*/\s*\d+")  # 1/2: a number, as math-verify reads it (a ratio)
 _ANSWER_TAG = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
+_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*([-+]?\d+)\s*\}"
+                       r"|([-+]?\d+)\s*/\s*([-+]?\d+)")  # \frac{a}{b} or a/b, integers
+
+
+def _in_lowest_terms(text: str) -> bool:
+    """Every integer fraction in `text` is reduced, with a denominator above 1: "14/7" or
+    \\frac{14}{7} restates a division question, "2" answers it (so "2/4" does not answer 0.5)."""
+    for m in _FRACTION.finditer(text):
+        num, den = (int(x) for x in (m.group(1, 2) if m.group(1) is not None else m.group(3, 4)))
+        if abs(den) <= 1 or math.gcd(num, den) != 1:
+            return False
+    return True
 
 
 def exact_reward(completion: str, answer: str, finished: bool, data: dict) -> float:
@@ -105,9 +117,11 @@ def math_reward(completion: str, answer: str, finished: bool, data: dict) -> flo
         return 0.0
     # math-verify keeps arithmetic unevaluated ("7 - 5" parses as 7 - 1*5) and then finds it equal
     # to 2: a policy that restates the question would be paid for it. A numeric answer must be
-    # given as a number (1/2, \frac{1}{2}, 0.5); symbolic answers keep math-verify's equivalence.
+    # given as a number (1/2, \frac{1}{2}, 0.5), fractions in lowest terms (14/7 restates a
+    # division); symbolic answers keep math-verify's equivalence.
     if getattr(gold[0], "is_Number", False) and not (
-            getattr(pred[0], "is_Number", False) or _RATIO.fullmatch(str(pred[-1]).strip())):
+            (getattr(pred[0], "is_Number", False) or _RATIO.fullmatch(str(pred[-1]).strip()))
+            and _in_lowest_terms(str(pred[-1]))):
         return 0.0
     return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
 
