@@ -35,17 +35,23 @@ def _math(completion: str, answer: str) -> float:
     ("7 - 5 = ?", "2", 0.0),
     ("\\boxed{7-5}", "2", 0.0),
     ("so 7 - 5 = 2.", "2", 1.0),
-    # a fraction not in lowest terms restates a division question (14 / 7 = ?)
+    # a division written out in any form, or a fraction not in lowest terms, restates the
+    # question (14 / 7 = ?): only a number's own forms count
     ("\\boxed{14/7}", "2", 0.0),
     ("\\boxed{\\frac{14}{7}}", "2", 0.0),
     ("\\boxed{\\dfrac{2}{4}}", "0.5", 0.0),
+    ("\\boxed{14 \\div 7}", "2", 0.0),
+    ("\\boxed{(14)/(7)}", "2", 0.0),
     ("so 7/2", "3.5", 1.0),
+    ("\\boxed{2\\frac{1}{2}}", "2.5", 1.0),
+    ("\\boxed{1{,}000}", "1000", 1.0),
     ("\\boxed{-3}", "-3", 1.0),
     ("\\boxed{3+2\\sqrt{2}}", "2\\sqrt{2}+3", 1.0),
 ], ids=["boxed", "frac-vs-decimal", "decimal-vs-frac", "final-answer", "expression", "wrong",
         "wrong-frac", "last-boxed", "empty", "garbage", "no-number", "restated-question",
         "boxed-arithmetic", "restated-division", "restated-division-frac", "unreduced",
-        "reduced-ratio", "worked-out", "negative", "symbolic-sum"])
+        "restated-div-sign", "restated-parens", "reduced-ratio", "mixed-number", "thousands",
+        "worked-out", "negative", "symbolic-sum"])
 def test_math_reward_checks_the_boxed_or_final_answer_for_equivalence(completion, answer,
                                                                        expected):
     assert _math(completion, answer) == expected

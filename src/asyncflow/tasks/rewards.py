@@ -10,8 +10,9 @@ weighted by `task.reward_weights=[1.0,0.2]`; no weights = 1.0 each):
   `\\boxed{}`); from the completion the last `\\boxed{...}` is taken first, else an answer after
   an anchor ("the answer is"), else the last number or expression; 1.0 iff math-verify finds the
   two equivalent (`\\frac{1}{2}` = `0.5` = `1/2`). When the answer is a number, the completion's
-  must be a number too: arithmetic left undone (`7 - 5` for 2, which math-verify would accept)
-  scores 0, and so does a fraction not in lowest terms (`14/7` for 2). EOS not needed.
+  must be written as one too (an integer, a decimal, or a fraction in lowest terms): arithmetic
+  left undone (`7 - 5`, `14/7` or `14 \\div 7` for 2, which math-verify would accept) scores 0.
+  EOS not needed.
 - `format`: 1.0 iff EOS was generated and the completion marks a final answer, as `\\boxed{...}`
   or `<answer>...</answer>`; a bonus to weight in beside a correctness reward.
 - `pkg.module:function`: the user's `function(completion: str, answer: str, data: dict)
@@ -59,20 +60,25 @@ RESERVED_PARTS = ("mean", "failures", "timeouts", "dropped_groups")
 
 _USER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _BOXED = re.compile(r"\\boxed\s*\{\s*[^\s}]")
-_RATIO = re.compile(r"[-+]?\d+\s*/\s*\d+")  # 1/2: a number, as math-verify reads it (a ratio)
 _ANSWER_TAG = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
-_FRACTION = re.compile(r"\\[dt]?frac\{\s*([-+]?\d+)\s*\}\{\s*([-+]?\d+)\s*\}"
-                       r"|([-+]?\d+)\s*/\s*([-+]?\d+)")  # \frac{a}{b} or a/b, integers
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_FRACTION = re.compile(r"[-+]?(?:(\d+)?\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
+_LATEX_SPACE = re.compile(r"\s+|\\[,;:! ]|\\left|\\right")
 
 
-def _in_lowest_terms(text: str) -> bool:
-    """Every integer fraction in `text` is reduced, with a denominator above 1: "14/7" or
-    \\frac{14}{7} restates a division question, "2" answers it (so "2/4" does not answer 0.5)."""
-    for m in _FRACTION.finditer(text):
-        num, den = (int(x) for x in (m.group(1, 2) if m.group(1) is not None else m.group(3, 4)))
-        if abs(den) <= 1 or math.gcd(num, den) != 1:
-            return False
-    return True
+def _plain_number(text: str) -> bool:
+    """`text` (math-verify's extracted answer) is written as a number: an integer or decimal
+    (1,000 / 18.00 / -3) or a fraction in lowest terms (1/2, \\frac{-1}{2}, 2\\frac{1}{2}). Anything
+    else, such as 7 - 5, 14/7, 14 \\div 7 or (14)/(7), restates arithmetic instead of answering."""
+    text = _LATEX_SPACE.sub("", text.replace("{,}", ","))
+    if _PLAIN_NUMBER.fullmatch(text):
+        return True
+    m = _FRACTION.fullmatch(text)
+    if m is None:
+        return False
+    whole, num, den = m[1], int(m[2] or m[4]), int(m[3] or m[5])
+    proper = whole is None or 0 < num < den  # a mixed number's fraction is proper
+    return den > 1 and math.gcd(num, den) == 1 and proper
 
 
 def exact_reward(completion: str, answer: str, finished: bool, data: dict) -> float:
@@ -115,13 +121,12 @@ def math_reward(completion: str, answer: str, finished: bool, data: dict) -> flo
                  parsing_timeout=None)
     if not gold or not pred:
         return 0.0
-    # math-verify keeps arithmetic unevaluated ("7 - 5" parses as 7 - 1*5) and then finds it equal
-    # to 2: a policy that restates the question would be paid for it. A numeric answer must be
-    # given as a number (1/2, \frac{1}{2}, 0.5), fractions in lowest terms (14/7 restates a
-    # division); symbolic answers keep math-verify's equivalence.
-    if getattr(gold[0], "is_Number", False) and not (
-            (getattr(pred[0], "is_Number", False) or _RATIO.fullmatch(str(pred[-1]).strip()))
-            and _in_lowest_terms(str(pred[-1]))):
+    # math-verify keeps arithmetic unevaluated ("7 - 5" parses as 7 - 1*5), or reduces it
+    # (\frac{14}{7} parses as 2), and then finds it equal to 2: a policy that restates the
+    # question would be paid for it. So a numeric answer must be written as a number (a list of
+    # allowed forms: the forms of arithmetic are too many to list); symbolic answers keep
+    # math-verify's equivalence.
+    if getattr(gold[0], "is_Number", False) and not _plain_number(str(pred[-1])):
         return 0.0
     return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
 
