@@ -61,7 +61,6 @@ RESERVED_PARTS = ("mean", "failures", "timeouts", "dropped_groups")
 _USER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _BOXED = re.compile(r"\\boxed\s*\{\s*[^\s}]")
 _ANSWER_TAG = re.compile(r"<answer>\s*\S.*?</answer>", re.DOTALL)
-_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _FRACTION = re.compile(r"[-+]?(?:(\d+)?\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}|(\d+)/(\d+))")
 _LATEX_SPACE = re.compile(r"\s+|\\[,;:! ]|\\left|\\right")
 
@@ -71,7 +70,7 @@ def _plain_number(text: str) -> bool:
     (1,000 / 18.00 / -3) or a fraction in lowest terms (1/2, \\frac{-1}{2}, 2\\frac{1}{2}). Anything
     else, such as 7 - 5, 14/7, 14 \\div 7 or (14)/(7), restates arithmetic instead of answering."""
     text = _LATEX_SPACE.sub("", text.replace("{,}", ","))
-    if _PLAIN_NUMBER.fullmatch(text):
+    if NUMBER.fullmatch(text):
         return True
     m = _FRACTION.fullmatch(text)
     if m is None:
