@@ -2,8 +2,8 @@
 
 ```
  reserve      -> row counts against capacity, offered to no stage
- store(cols)  -> ready_mask |= cols; every stage whose needs became complete: stage.add(row)
- lease        -> stage.remove(row); leased_mask |= stage
+ store(cols)  -> ready_mask |= cols; every stage whose needs became complete: stage.add_rows
+ lease        -> stage.remove_rows; leased_mask |= stage
  consume      -> leased_mask &= ~stage; consumed_mask |= stage; all stages consumed -> freed
  give back    -> leased_mask &= ~stage; stage.add(row, front=True) (redelivered first)
  freed        -> forgotten; (slot, row id) queued for each owner, whose storage reuses the slot
@@ -17,6 +17,7 @@ waiters that a transition concerns (methods return what changed, or the caller c
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any
 
 from asyncflow.queue.metadata import Grant, Lease, RowMeta
@@ -113,27 +114,39 @@ class RowTable:
               num_tokens: list[int] | None) -> set[int]:  # fmt: skip
         """Columns of `row_ids` are stored on `rank` at `slots` (checked by `check_store`).
         Returns the indexes of the stages that got ready rows."""
-        woken: set[int] = set()
         col_idx = [self.schema.index[c] for c in columns]
-        # only a stage needing one of these columns can become ready (saves a test per row)
-        stages = [(st, 1 << st.index, st.needs_mask) for st in self.stages if st.needs_mask & mask]
         self.committed_below = max(self.committed_below, max(row_ids, default=-1) + 1)
-        for i, rid in enumerate(row_ids):
-            meta = self.rows[rid]
-            loc = (rank, slots[i])
+        metas = [self.rows[rid] for rid in row_ids]
+        old_masks = [m.ready_mask for m in metas]
+        for meta, old, slot in zip(metas, old_masks, slots, strict=True):
+            meta.ready_mask = old | mask
+            loc = (rank, slot)
             for c in col_idx:
                 meta.locations[c] = loc
-            old_mask = meta.ready_mask
-            new_mask = meta.ready_mask = old_mask | mask
-            if num_tokens is not None:
-                meta.num_tokens = num_tokens[i]
-            if policy_versions is not None:
-                meta.policy_version = policy_versions[i]
-            busy = meta.consumed_mask | meta.leased_mask
-            for st, bit, needs in stages:
-                if not busy & bit and new_mask & needs == needs and old_mask & needs != needs:
-                    st.add(rid, meta)
-                    woken.add(st.index)
+        if num_tokens is not None:
+            for meta, n in zip(metas, num_tokens, strict=True):
+                meta.num_tokens = n
+        if policy_versions is not None:
+            for meta, v in zip(metas, policy_versions, strict=True):
+                meta.policy_version = v
+        woken: set[int] = set()
+        # only a stage needing one of these columns can become ready (saves a test per row)
+        for st in self.stages:
+            needs, bit = st.needs_mask, 1 << st.index
+            if not needs & mask:
+                continue
+            if old_masks and old_masks.count(old_masks[0]) == len(old_masks):  # one test for all
+                old = old_masks[0]
+                if old & needs == needs or (old | mask) & needs != needs:
+                    continue
+                ready = [i for i, m in enumerate(metas) if not (m.consumed_mask | m.leased_mask) & bit]
+            else:
+                ready = [i for i, (m, old) in enumerate(zip(metas, old_masks, strict=True))
+                         if old & needs != needs and (old | mask) & needs == needs
+                         and not (m.consumed_mask | m.leased_mask) & bit]  # fmt: skip
+            if ready:
+                st.add_rows([row_ids[i] for i in ready], [metas[i] for i in ready])
+                woken.add(st.index)
         for s in self.reserved.values():
             s.difference_update(row_ids)
         return woken
@@ -146,12 +159,6 @@ class RowTable:
                 self.free(rid)
         for s in self.reserved.values():
             s.difference_update(row_ids)
-
-    def consume(self, st: StageState, rid: int) -> None:
-        meta = self.rows[rid]
-        meta.consumed_mask |= 1 << st.index
-        if meta.consumed_mask == self.all_stages:
-            self.free(rid)
 
     def free(self, rid: int) -> None:
         """Forget a row; its owners learn its slots from `freed`."""
@@ -170,16 +177,20 @@ class RowTable:
         """`rows` (ready for `st`) leave its ready index and are leased to `consumer`."""
         metas = [self.rows[r] for r in rows]
         locations = self._locations(metas, columns)  # first: a failure leaves no lease behind
-        for rid, meta in zip(rows, metas, strict=True):
-            st.remove(rid, meta)
-            meta.leased_mask |= 1 << st.index
-            st.taken_by_step[meta.step] = st.taken_by_step.get(meta.step, 0) + 1
+        st.remove_rows(rows, metas)
+        bit = 1 << st.index
+        for meta in metas:
+            meta.leased_mask |= bit
+        steps = [m.step for m in metas]
+        taken = st.taken_by_step
+        for step, n in Counter(steps).items():
+            taken[step] = taken.get(step, 0) + n
         lease_id = self.next_lease_id
         self.next_lease_id += 1
         self.leases[lease_id] = Lease(lease_id, st.index, consumer, rows)
         self.by_consumer.setdefault(consumer, set()).add(lease_id)
         return Grant(
-            lease_id, list(rows), [m.step for m in metas], [m.group_id for m in metas],
+            lease_id, list(rows), steps, [m.group_id for m in metas],
             [m.policy_version for m in metas], [m.num_tokens for m in metas], locations,
         )  # fmt: skip
 
@@ -207,11 +218,17 @@ class RowTable:
 
     def consume_leased(self, lease: Lease, row_ids: list[int]) -> None:
         """`row_ids` of `lease` are consumed by its stage and leave the lease."""
-        st = self.stages[lease.stage]
-        keep = ~(1 << st.index)
+        bit = 1 << lease.stage
+        keep, everyone, rows = ~bit, self.all_stages, self.rows
+        freed = []
         for rid in row_ids:
-            self.rows[rid].leased_mask &= keep
-            self.consume(st, rid)
+            meta = rows[rid]
+            meta.leased_mask &= keep
+            meta.consumed_mask |= bit
+            if meta.consumed_mask == everyone:
+                freed.append(rid)
+        for rid in freed:
+            self.free(rid)
         if row_ids is not lease.row_ids:
             done = set(row_ids)
             lease.row_ids = [r for r in lease.row_ids if r not in done]
@@ -245,7 +262,7 @@ def as_ints(name: str, values: list[Any]) -> list[int]:
     """`values` as a list of ints; anything else (a float or a string from a JSON peer) is refused
     before any state changes."""
     try:
-        return [operator.index(v) for v in values]
+        return list(map(operator.index, values))
     except TypeError:  # also a type whose __index__ refuses (a float or multi-element tensor)
         for v in values:
             try:
