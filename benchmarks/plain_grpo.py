@@ -23,7 +23,7 @@ from asyncflow.algorithms import group_advantages, policy_loss, sequence_weights
 from asyncflow.config import load_config
 from asyncflow.engines import GenerationRequest, SamplingParams, build_rollout_engine
 from asyncflow.engines.fsdp_engine import lr_factor
-from asyncflow.engines.sequences import pack
+from asyncflow.engines.sequences import pack_shared
 from asyncflow.models import Tokenizer, load_pretrained
 from asyncflow.pipeline.runner import keep_freed_memory
 from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
@@ -75,10 +75,9 @@ def main() -> None:
         keep = [i for i in range(P * N) if adv[i] != 0]  # zero advantage: zero gradient
         for lo in range(0, len(keep), mb):
             rows = keep[lo:lo + mb]
-            batch = pack([torch.tensor(prompts[i // N]) for i in rows],
-                         [torch.tensor(comps[i].token_ids) for i in rows])
-            logits = policy(batch.input_ids_BT, attention_mask=batch.attention_mask_BT)
-            lp = token_logprobs(logits[:, :-1], batch.targets_BT)
+            batch = pack_shared([torch.tensor(prompts[i // N]) for i in rows],
+                                [torch.tensor(comps[i].token_ids) for i in rows])
+            lp = token_logprobs(batch.logits(policy), batch.targets_BT)
             behaviour = batch.scatter_response(
                 [torch.tensor(comps[i].logprobs, dtype=torch.float32) for i in rows])
             loss, _ = policy_loss(lp, behaviour, adv[rows],

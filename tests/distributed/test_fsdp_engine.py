@@ -1,4 +1,5 @@
-"""FSDP2 train engine: streaming equals full batch; 2 train ranks equal 1 (gloo, fork)."""
+"""FSDP2 train engine: streaming equals full batch; 2 train ranks equal 1 (gloo, fork); rows that
+share a prompt, packed to read it once, equal the same rows packed one by one."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from asyncflow.algorithms import policy_loss, sequence_weights
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine, OptimConfig
-from asyncflow.engines.sequences import pack
+from asyncflow.engines.sequences import SharedPromptBatch, pack, pack_shared
 from asyncflow.models import ModelConfig, build_model, save_pretrained
 
 from ._mp import run_ranks
@@ -52,7 +53,7 @@ def setup(tmp_path_factory):
     return tmp, rows
 
 
-def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
+def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name, packer=pack):
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
     eng = FSDPTrainEngine(
         str(tmp / "model"), mesh, OptimConfig(lr=1.0, warmup_steps=0, max_grad_norm=1e9)
@@ -65,7 +66,8 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
     normaliser, loss_sum = 0.0, 0.0
     for i in range(0, len(mine), micro_batch):
         mb = mine[i : i + micro_batch]
-        batch = pack([r["prompt"] for r in mb], [r["response"] for r in mb])
+        batch = packer([r["prompt"] for r in mb], [r["response"] for r in mb])
+        assert packer is pack or isinstance(batch, SharedPromptBatch)
         # behaviour log-probs: the current policy's, perturbed (as if from a slightly other engine)
         lp_now = batch.gather_response(eng.logprobs(batch))
         behaviour_BT = batch.scatter_response([lp + r["noise"] for lp, r in zip(lp_now, mb, strict=True)])
@@ -92,9 +94,9 @@ def _train_one_step(rank, world, tmp, rows, micro_batch, aggregation, out_name):
         )
 
 
-def _kw(tmp, rows, micro_batch, aggregation, out_name):
+def _kw(tmp, rows, micro_batch, aggregation, out_name, packer=pack):
     return dict(tmp=tmp, rows=rows, micro_batch=micro_batch, aggregation=aggregation,
-                out_name=out_name)
+                out_name=out_name, packer=packer)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
@@ -105,13 +107,31 @@ def test_streaming_and_two_ranks_equal_full_batch(setup, aggregation):
     run_ranks(_train_one_step, 2, **_kw(tmp, rows, 2, aggregation, "fsdp2.pt"))
     full, stream, fsdp2 = (torch.load(tmp / n) for n in ("full.pt", "stream.pt", "fsdp2.pt"))
     assert full["version"] == 1
-    for other, tol in ((stream, 1e-6), (fsdp2, 1e-5)):
+    _assert_same_step(full, ((stream, 1e-6), (fsdp2, 1e-5)))
+
+
+def _assert_same_step(full, others):
+    for other, tol in others:
         assert abs(other["loss"] - full["loss"]) <= tol * max(1.0, abs(full["loss"]))
         assert abs(other["grad_norm"] - full["grad_norm"]) <= tol * max(1.0, full["grad_norm"])
         for name, p in full["params"].items():
             diff = (other["params"][name] - p).abs().max().item()
             assert diff <= tol, f"{name}: {diff}"
     assert full["grad_norm"] > 1e-3 and full["loss"] != 0
+
+
+def test_rows_sharing_a_prompt_train_as_rows_packed_one_by_one(setup):
+    """Every other row repeats row 0's or row 1's prompt, so each micro-batch of a rank shares one:
+    `pack_shared` (one and two ranks, FSDP2 for two) against `pack` on one rank."""
+    tmp, rows = setup
+    rows = [dict(r, prompt=rows[i % 2]["prompt"]) for i, r in enumerate(rows)]
+    run_ranks(_train_one_step, 1, **_kw(tmp, rows, NUM_ROWS, "token-mean", "full_rows.pt"))
+    run_ranks(_train_one_step, 1, **_kw(tmp, rows, NUM_ROWS, "token-mean", "shared.pt",
+                                        pack_shared))
+    run_ranks(_train_one_step, 2, **_kw(tmp, rows, 2, "token-mean", "shared2.pt", pack_shared))
+    full, shared, shared2 = (torch.load(tmp / n) for n in ("full_rows.pt", "shared.pt",
+                                                           "shared2.pt"))
+    _assert_same_step(full, ((shared, 1e-6), (shared2, 1e-5)))
 
 
 def _nonfinite_steps(rank, world, tmp, rows, out_name):

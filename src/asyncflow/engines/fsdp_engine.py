@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from asyncflow.algorithms import token_logprobs
-from asyncflow.engines.sequences import PackedBatch
+from asyncflow.engines.sequences import PackedBatch, SharedPromptBatch
 from asyncflow.models import CausalLM, load_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,17 +153,16 @@ class FSDPTrainEngine:
         else:
             self.model.eval().requires_grad_(False)
 
-    def _logprobs(self, batch: PackedBatch, temperature: float) -> torch.Tensor:
-        logits_BTV = self.model(batch.input_ids_BT, attention_mask=batch.attention_mask_BT)
-        return token_logprobs(logits_BTV[:, :-1], batch.targets_BT, temperature)
+    def _logprobs(self, batch: PackedBatch | SharedPromptBatch, temperature: float) -> torch.Tensor:
+        return token_logprobs(batch.logits(self.model), batch.targets_BT, temperature)
 
     @torch.no_grad()
-    def logprobs(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    def logprobs(self, batch: PackedBatch | SharedPromptBatch, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [B, T] of every target token (meaningful where response_mask is 1)."""
         return self._logprobs(batch, temperature)
 
     def forward_backward(
-        self, batch: PackedBatch,
+        self, batch: PackedBatch | SharedPromptBatch,
         loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         temperature: float = 1.0,
     ) -> dict[str, float]:

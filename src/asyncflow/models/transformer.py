@@ -30,6 +30,16 @@ class KVCache(Protocol):
         ...
 
 
+class AttentionLayout(Protocol):
+    """In place of a mask: a sequence that is not one causal row per batch row (rows sharing a
+    prompt, `engines.sequences.SharedPromptBatch`) attends by itself."""
+
+    def attend(self, q_1HND: torch.Tensor, k_1KND: torch.Tensor,
+               v_1KND: torch.Tensor) -> torch.Tensor:
+        """Attention output [1, H, N, D] of the N tokens of a flat [1, N] sequence."""
+        ...
+
+
 def rope_inv_freq(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] and the cos/sin scale for the config's RoPE variant."""
     dim = cfg.head_dim
@@ -139,7 +149,9 @@ class Attention(nn.Module):
         k_BKTD = k_BKTD * cos + _rotate_half(k_BKTD) * sin
         if kv_cache is not None:
             k_BKTD, v_BKTD = kv_cache.update(self.layer_idx, k_BKTD, v_BKTD)
-        if T == 1 and kv_cache is not None:
+        if not isinstance(mask_B1TS, torch.Tensor):  # an AttentionLayout
+            out_BHTD = mask_B1TS.attend(q_BHTD, k_BKTD, v_BKTD)
+        elif T == 1 and kv_cache is not None:
             out_BHTD = _decode_attention(q_BHTD, k_BKTD, v_BKTD, mask_B1TS)
         else:
             out_BHTD = F.scaled_dot_product_attention(
@@ -253,13 +265,13 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         kv_cache: KVCache | None = None,
-        attn_mask_B1TS: torch.Tensor | None = None,
+        attn_mask_B1TS: torch.Tensor | AttentionLayout | None = None,
     ) -> torch.Tensor:
         """Logits for every position.
 
         attention_mask [B, T]: 1 for real tokens, 0 for padding (no cache). position_ids default to
         0..T-1 like HF's forward. With a kv_cache the caller passes attn_mask_B1TS covering the
-        cached keys too.
+        cached keys too; an `AttentionLayout` there (with explicit position_ids) replaces the mask.
         """
         return self.lm_head(self.hidden(input_ids_BT, position_ids, attention_mask,
                                         kv_cache=kv_cache, attn_mask_B1TS=attn_mask_B1TS))

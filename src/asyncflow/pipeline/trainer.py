@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from asyncflow.algorithms import policy_loss, rows_with_gradient, sequence_weights
 from asyncflow.engines.fsdp_engine import FSDPTrainEngine
-from asyncflow.engines.sequences import PackedBatch, pack
+from asyncflow.engines.sequences import PackedBatch, SharedPromptBatch, pack, pack_shared
 from asyncflow.log import get_logger
 from asyncflow.pipeline.stage import Metrics, StageBase
 from asyncflow.pipeline.stages import StepShape, group_range, stalled
@@ -133,8 +133,8 @@ class ReferenceStage(StageBase):
                 if len(batch) == 0:
                     self.engine.logprobs(_dummy_batch(self.engine.device), self.t)
                     continue
-                packed = pack(batch.columns["prompt_ids"], batch.columns["response_ids"],
-                              self.engine.device)
+                packed = pack_shared(batch.columns["prompt_ids"], batch.columns["response_ids"],
+                                     self.engine.device)
                 ref = packed.gather_response(self.engine.logprobs(packed, self.t).cpu())
                 self.q.put({"ref_logprobs": ref}, rows=batch.row_ids, ack=batch)  # ends it
         return m
@@ -198,7 +198,7 @@ class TrainStage(StageBase):
         if self.at_close is not None:
             self.at_close()
 
-    def _loss_fn(self, packed: PackedBatch, batch: Batch, keep: torch.Tensor):
+    def _loss_fn(self, packed: PackedBatch | SharedPromptBatch, batch: Batch, keep: torch.Tensor):
         cols = batch.columns
         behaviour = packed.scatter_response(cols["behaviour_logprobs"].take(keep))
         adv = cols["advantage"][keep].float()
@@ -243,8 +243,8 @@ class TrainStage(StageBase):
                                      self.t)
                 return
             cols = batch.columns
-            packed = pack(cols["prompt_ids"].take(keep), cols["response_ids"].take(keep),
-                          eng.device)
+            packed = pack_shared(cols["prompt_ids"].take(keep), cols["response_ids"].take(keep),
+                                 eng.device)
             stats = eng.forward_backward(packed, self._loss_fn(packed, batch, keep), self.t)
         n = packed.num_response_tokens
         acc["trained_tokens"] += n
