@@ -25,7 +25,7 @@ from asyncflow.engines import GenerationRequest, SamplingParams, build_rollout_e
 from asyncflow.engines.fsdp_engine import lr_factor
 from asyncflow.engines.sequences import pack_shared
 from asyncflow.models import Tokenizer, load_pretrained
-from asyncflow.pipeline.runner import keep_freed_memory
+from asyncflow.pipeline.runner import freeze_startup_objects, keep_freed_memory
 from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
 
@@ -55,6 +55,7 @@ def main() -> None:
     sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
                               temperature=cfg.rollout.temperature)
     eos = [tok.eos_id]
+    freeze_startup_objects()  # as every asyncflow rank does before its first step
     record: dict[str, list[float]] = {
         k: [] for k in ("step_time_s", "gen_s", "score_s", "train_s", "reward", "trained_rows")}
     t_last = time.perf_counter()

@@ -25,6 +25,7 @@ page faults per step (~2.8 us each there, ~9 ms of a ~100 ms step) before, 14 af
 from __future__ import annotations
 
 import ctypes
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30) and mallopt(_M_MMAP_THRESHOLD, 32 << 20))
 
 
+def freeze_startup_objects() -> None:
+    """Leave every object alive now out of the cyclic garbage collector's passes. After start-up
+    (torch, the config, the models, the queue) a rank holds about 300 k objects that live for the
+    whole run, and each full collection walked all of them: 130 ms pauses, about 5% of the
+    rollout rank's time in the default run (measured with `gc.callbacks`). Garbage is collected
+    first: frozen garbage would never be freed (a process that runs the pipeline repeatedly,
+    like the test suite, would keep every earlier run's)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run(cfg: Config, stages: list[StageDecl] | None = None,
         graph: Callable[[RunContext], list[StageDecl]] = grpo_graph) -> Path:
     """Run the whole pipeline on this rank; returns the run directory. `stages` are added to
@@ -61,6 +73,7 @@ def run(cfg: Config, stages: list[StageDecl] | None = None,
         decls = with_stages(graph(ctx), stages or [])
         ctx.start_queue(decls)
         schedule = Schedule(ctx, decls)
+        freeze_startup_objects()
         schedule.run()
         schedule.close()
         ctx.close()
