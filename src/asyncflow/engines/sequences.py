@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from asyncflow.models.transformer import causal_padding_mask
 from asyncflow.queue.schema import Ragged
 
 
@@ -179,9 +180,7 @@ def pack_shared(prompts: Ragged | list[torch.Tensor], responses: Ragged | list[t
     ids_1N = torch.cat([distinct_GP[prompt_valid_GP].long(), response_inputs.values.long()])[None]
     positions_1N = torch.cat([torch.arange(distinct_GP.shape[1]).expand_as(distinct_GP)[
         prompt_valid_GP], (P_B[:, None] + torch.arange(R))[response_valid_BR]])[None]
-    causal_PP = torch.ones(distinct_GP.shape[1], distinct_GP.shape[1], dtype=torch.bool).tril()
-    prompt_mask = (causal_PP & prompt_valid_GP[:, None, :]) | torch.eye(
-        distinct_GP.shape[1], dtype=torch.bool)  # a padding query sees itself: no NaN
+    prompt_mask_G1PP = causal_padding_mask(prompt_valid_GP, G, distinct_GP.shape[1], "cpu")
     response_mask = torch.cat([
         prompt_valid_GP[prompt_of_row_B][:, None, :].expand(B, R, -1),
         torch.ones(R, R, dtype=torch.bool).tril() & response_valid_BR[:, None, :]], -1)
@@ -189,10 +188,10 @@ def pack_shared(prompts: Ragged | list[torch.Tensor], responses: Ragged | list[t
     T = int(R_B.max())
     target_valid_BT = torch.arange(T) < R_B[:, None]
     logit_index_BT = torch.cat([(prompt_first_G + P_G - 1)[prompt_of_row_B][:, None],
-                                response_index_BR[:, :T - 1]], 1) * target_valid_BT
+                                response_index_BR], 1) * target_valid_BT  # R = T - 1
     to = {"device": device}
     layout = SharedPromptAttention(
-        prompt_index_GP.to(**to), prompt_valid_GP.to(**to), prompt_mask[:, None].to(**to),
+        prompt_index_GP.to(**to), prompt_valid_GP.to(**to), prompt_mask_G1PP.to(**to),
         response_index_BR.to(**to), response_valid_BR.to(**to), response_mask[:, None].to(**to),
         prompt_of_row_B.to(**to))
     return SharedPromptBatch(

@@ -135,15 +135,9 @@ class RowTable:
             needs, bit = st.needs_mask, 1 << st.index
             if not needs & mask:
                 continue
-            if old_masks and old_masks.count(old_masks[0]) == len(old_masks):  # one test for all
-                old = old_masks[0]
-                if old & needs == needs or (old | mask) & needs != needs:
-                    continue
-                ready = [i for i, m in enumerate(metas) if not (m.consumed_mask | m.leased_mask) & bit]
-            else:
-                ready = [i for i, (m, old) in enumerate(zip(metas, old_masks, strict=True))
-                         if old & needs != needs and (old | mask) & needs == needs
-                         and not (m.consumed_mask | m.leased_mask) & bit]  # fmt: skip
+            ready = [i for i, (m, old) in enumerate(zip(metas, old_masks, strict=True))
+                     if old & needs != needs and (old | mask) & needs == needs
+                     and not (m.consumed_mask | m.leased_mask) & bit]  # fmt: skip
             if ready:
                 st.add_rows([row_ids[i] for i in ready], [metas[i] for i in ready])
                 woken.add(st.index)

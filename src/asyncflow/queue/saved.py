@@ -114,7 +114,7 @@ def load(table: RowTable, saved: SavedState) -> None:
         if m.group_id >= 0:
             table.groups.setdefault(m.group_id, []).append(rid)
     for st in table.stages:
-        for rid in saved.orders[st.name]:
-            st.add(rid, saved.rows[rid])
+        order = saved.orders[st.name]
+        st.add_rows(order, [saved.rows[rid] for rid in order])
         st.taken_by_step = saved.taken[st.name]
     table.freed = saved.freed
