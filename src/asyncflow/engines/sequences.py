@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from asyncflow.models.transformer import causal_padding_mask
+from asyncflow.models.transformer import attention, causal_padding_mask
 from asyncflow.queue.schema import Ragged
 
 
@@ -110,20 +109,17 @@ class SharedPromptAttention:
     prompt_of_row_B: torch.Tensor
 
     def attend(self, q_1HND, k_1KND, v_1KND) -> torch.Tensor:
-        gqa = q_1HND.shape[1] != k_1KND.shape[1]
         q_NHD, k_NKD, v_NKD = (x[0].transpose(0, 1) for x in (q_1HND, k_1KND, v_1KND))
         k_GKPD, v_GKPD = (x[self.prompt_index_GP].transpose(1, 2) for x in (k_NKD, v_NKD))
-        out_GHPD = F.scaled_dot_product_attention(
-            q_NHD[self.prompt_index_GP].transpose(1, 2), k_GKPD, v_GKPD,
-            attn_mask=self.prompt_mask_G1PP, enable_gqa=gqa)
+        out_GHPD = attention(q_NHD[self.prompt_index_GP].transpose(1, 2), k_GKPD, v_GKPD,
+                             self.prompt_mask_G1PP)
         flat = [out_GHPD.transpose(1, 2)[self.prompt_valid_GP]]
         if self.response_index_BR.shape[1]:
             idx = self.response_index_BR
             k_BKSD, v_BKSD = (torch.cat([prompt[self.prompt_of_row_B], x[idx].transpose(1, 2)], 2)
                               for prompt, x in ((k_GKPD, k_NKD), (v_GKPD, v_NKD)))
-            out_BHRD = F.scaled_dot_product_attention(
-                q_NHD[idx].transpose(1, 2), k_BKSD, v_BKSD, attn_mask=self.response_mask_B1R_PR,
-                enable_gqa=gqa)
+            out_BHRD = attention(q_NHD[idx].transpose(1, 2), k_BKSD, v_BKSD,
+                                 self.response_mask_B1R_PR)
             flat.append(out_BHRD.transpose(1, 2)[self.response_valid_BR])
         return torch.cat(flat).transpose(0, 1)[None]
 

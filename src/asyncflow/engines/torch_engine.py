@@ -61,7 +61,7 @@ from asyncflow.engines.kv_cache import ExtendKV, SlotKVCache
 from asyncflow.engines.sampling import SamplingBatch, sample_from_logprobs
 from asyncflow.engines.staging import StagedWeights
 from asyncflow.log import get_logger
-from asyncflow.models.transformer import CausalLM
+from asyncflow.models.transformer import CPU_MIN_KEYS, CausalLM
 
 logger = get_logger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -536,6 +536,8 @@ class TorchRolloutEngine:
         S = int(pos_B.max()) + 1
         if self._graphs is not None:
             S = self._graphs.keys_bucket(S)  # keys past a row's position are masked
+        elif self.device.type == "cpu":  # fewer keys take a slow CPU softmax (transformer.py)
+            S = min(max(S, CPU_MIN_KEYS), self.window)
         logp_BV = self._decode_step(self.model, self.cache.k, self.cache.v, self.cache.rows_all[:B],
                                     last_B1, pos_B, self._ar_L[:S], self._temp[:B])
         self._pos[:hi] += self._active[:hi]

@@ -7,6 +7,11 @@ checkpoint load then materialises it. Generation code passes a `KVCache` (any ob
 
 Shape legend: B batch, T query positions, S key positions (cache included), H query heads,
 K key/value heads, D head dim, E hidden size, F MLP width, V vocabulary.
+
+On CPU, attention over fewer than `CPU_MIN_KEYS` keys is padded to that many masked keys: PyTorch's
+CPU softmax and SDPA kernels (torch 2.13) take a slow path for rows shorter than one AVX-512
+vector. Measured on a 2-core Xeon VM: SDPA over [256 rows, 4 heads, 15 x 15] 6.0 ms -> 1.6 ms
+forward, 9.5 -> 4.5 ms with backward; softmax over 1024 rows of 12: 277 us, of 16: 20 us.
 """
 
 from __future__ import annotations
@@ -109,6 +114,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+CPU_MIN_KEYS = 16
+"""Fewest key positions an attention call gets on CPU (see the module docstring)."""
+
+
+def attention(q_BHTD, k_BKSD, v_BKSD, mask_B1TS: torch.Tensor) -> torch.Tensor:
+    """`scaled_dot_product_attention` with a boolean mask (True = attend) and grouped KV heads;
+    on CPU, fewer than `CPU_MIN_KEYS` keys are first padded with masked ones (same result,
+    several times faster)."""
+    S = k_BKSD.shape[-2]
+    if S < CPU_MIN_KEYS and q_BHTD.device.type == "cpu":
+        pad = CPU_MIN_KEYS - S
+        k_BKSD, v_BKSD = (F.pad(x, (0, 0, 0, pad)) for x in (k_BKSD, v_BKSD))
+        mask_B1TS = F.pad(mask_B1TS.expand(*mask_B1TS.shape[:-1], S), (0, pad), value=False)
+    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_B1TS,
+                                          enable_gqa=q_BHTD.shape[1] != k_BKSD.shape[1])
+
+
 def _decode_attention(q_BH1D, k_BKSD, v_BKSD, mask_B11S):
     """Attention of one query per row, as two batched matmuls over [B, K] with the H / K query
     heads of a group as rows: several times faster on CPU than SDPA's kernels for one query over
@@ -154,10 +176,7 @@ class Attention(nn.Module):
         elif T == 1 and kv_cache is not None:
             out_BHTD = _decode_attention(q_BHTD, k_BKTD, v_BKTD, mask_B1TS)
         else:
-            out_BHTD = F.scaled_dot_product_attention(
-                q_BHTD, k_BKTD, v_BKTD, attn_mask=mask_B1TS,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
+            out_BHTD = attention(q_BHTD, k_BKTD, v_BKTD, mask_B1TS)
         return self.o_proj(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
 
