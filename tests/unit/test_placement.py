@@ -1,9 +1,11 @@
-"""Which devices and process-group backends a run's config selects."""
+"""Which devices, CPUs and process-group backends a run's config selects."""
+
+import os
 
 import pytest
 import torch
 
-from asyncflow.launch.placement import sync_backend, train_device_type
+from asyncflow.launch.placement import pin_local_rank_cpus, sync_backend, train_device_type
 
 
 @pytest.mark.parametrize("train, engine, backend", [
@@ -25,3 +27,32 @@ def test_the_train_device_follows_the_setting_and_cuda_needs_a_gpu():
     else:
         with pytest.raises(ValueError, match="trainer.device=cuda: no CUDA device"):
             train_device_type("cuda")
+
+
+@pytest.mark.parametrize("allowed, ranks, want", [
+    ([0, 1], 2, [[0], [1]]),
+    ([0, 1, 2, 3, 4], 2, [[0, 1], [2, 3, 4]]),   # a share each, every CPU used
+    ([2, 5, 7, 9], 2, [[2, 5], [7, 9]]),         # the job's own CPUs (taskset), in order
+    ([0, 1, 2, 3], 3, [[0], [1], [2, 3]]),
+    ([0, 1], 3, [None] * 3),                      # fewer CPUs than ranks: left alone
+    ([0, 1, 2, 3], 1, [None]),                    # one rank: nothing to share out
+])
+def test_each_local_rank_gets_its_own_share_of_the_allowed_cpus(monkeypatch, allowed, ranks,
+                                                                want):
+    pinned = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pinned.append(sorted(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    got = []
+    for r in range(ranks):
+        monkeypatch.setenv("LOCAL_RANK", str(r))
+        got.append(pin_local_rank_cpus())
+    assert got == want
+    assert pinned == [w for w in want if w is not None]
+
+
+def test_no_pinning_outside_torchrun(monkeypatch):
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pytest.fail("pinned"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert pin_local_rank_cpus() is None

@@ -37,6 +37,9 @@ class PlacementConfig:
     """Ranks of the rollout mesh (split only)."""
     train_ranks: list[int] = field(default_factory=lambda: [1])
     """Ranks of the train mesh (split only)."""
+    pin_cpus: bool = True
+    """On a CPU-only run, give each rank of this node its own share of the CPUs the job may use
+    (`pin_local_rank_cpus`). Turn off when several jobs share one machine without `taskset`."""
 
     def __post_init__(self):
         if self.kind not in ("split", "colocated"):
@@ -101,6 +104,28 @@ class Meshes:
     def sync_src(self) -> int:
         """Global rank that sends weights: train rank 0."""
         return self.train_ranks[0]
+
+
+def pin_local_rank_cpus() -> list[int] | None:
+    """Restrict this process (and the threads and processes it starts later) to its node-local
+    rank's contiguous share of the CPUs it may use now; returns them, or None where there is no
+    share to give (one local rank, fewer CPUs than ranks, no torchrun environment, no
+    `sched_setaffinity`). Unpinned, the rollout rank's helper threads (reward, advantage,
+    prompts, queue server, ~2,000 wake-ups a second) kept landing on the train rank's core: its
+    main thread was preempted ~440 times a second. Pinned, the default split run's step took
+    0.69-0.82 of the time (2-core Xeon VM, 3 alternating pairs of 300-step runs)."""
+    try:
+        local, n_local = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if n_local < 2 or len(cpus) < n_local:
+        return None
+    mine = cpus[local * len(cpus) // n_local:(local + 1) * len(cpus) // n_local]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 def train_device_type(setting: str) -> str:

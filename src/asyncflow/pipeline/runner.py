@@ -30,11 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asyncflow.config import Config
+from asyncflow.launch.placement import pin_local_rank_cpus, train_device_type
+from asyncflow.log import get_logger
 from asyncflow.pipeline.context import RunContext, open_run
 from asyncflow.pipeline.control import StopRequested, timeout_hint
 from asyncflow.pipeline.graph import grpo_graph, with_stages
 from asyncflow.pipeline.schedule import Schedule
 from asyncflow.pipeline.stage import StageDecl
+
+logger = get_logger(__name__)
 
 __all__ = ["StopRequested", "keep_freed_memory", "run", "timeout_hint"]
 
@@ -68,7 +72,13 @@ def run(cfg: Config, stages: list[StageDecl] | None = None,
     """Run the whole pipeline on this rank; returns the run directory. `stages` are added to
     the graph before its train-mesh stages; `graph` replaces the GRPO declaration."""
     keep_freed_memory()
+    pinned = None
+    if (cfg.placement.pin_cpus and cfg.engine.device == "cpu"
+            and train_device_type(cfg.trainer.device) == "cpu"):
+        pinned = pin_local_rank_cpus()  # before open_run starts any thread
     ctx = open_run(cfg)
+    if pinned is not None:
+        logger.info("rank %d runs on CPUs %s (placement.pin_cpus)", ctx.meshes.rank, pinned)
     with ctx.guard():
         decls = with_stages(graph(ctx), stages or [])
         ctx.start_queue(decls)
