@@ -26,7 +26,7 @@ from asyncflow.engines.fsdp_engine import lr_factor
 from asyncflow.engines.sequences import pack_shared
 from asyncflow.models import Tokenizer, load_pretrained
 from asyncflow.pipeline.runner import freeze_startup_objects, keep_freed_memory
-from asyncflow.tasks import AdditionTask, encode_prompt, split_completion
+from asyncflow.tasks import AdditionTask, encode_prompt, split_completions
 from asyncflow.tasks.tiny import default_cache_dir, prepare_tiny_model
 
 
@@ -67,8 +67,9 @@ def main() -> None:
             for i in range(P * N)]
         comps = engine.generate(requests)
         t_gen = time.perf_counter()
-        reward_GN = torch.tensor([_score(task, tok, eos, c, problems[i // N].answer)
-                                  for i, c in enumerate(comps)]).view(P, N)
+        texts = split_completions(tok, [c.token_ids for c in comps], eos)
+        reward_GN = torch.tensor([task.reward(text, problems[i // N].answer, finished)
+                                  for i, (text, finished) in enumerate(texts)]).view(P, N)
         adv = group_advantages(reward_GN)[0].flatten()
         t_score = time.perf_counter()
 
@@ -109,11 +110,6 @@ def main() -> None:
             json.dump(record, f)
     else:
         print(json.dumps(record))
-
-
-def _score(task, tok, eos, completion, answer) -> float:
-    text, finished = split_completion(tok, completion.token_ids, eos)
-    return task.reward(text, answer, finished)
 
 
 if __name__ == "__main__":

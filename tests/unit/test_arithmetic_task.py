@@ -13,7 +13,7 @@ from asyncflow.tasks import (
     TaskConfig,
     build_task,
     encode_prompt,
-    split_completion,
+    split_completions,
     train_problems,
 )
 from asyncflow.tasks.tiny import build_char_tokenizer
@@ -103,14 +103,15 @@ def test_reward_is_exact_match_with_eos(completion, finished, want):
     assert TASK.reward(completion, "0959", finished) == want
 
 
-def test_split_completion_cuts_at_first_eos_and_keeps_stray_specials():
+def test_split_completions_cut_at_first_eos_and_keep_stray_specials():
     tok = build_char_tokenizer()
     eos, pad = tok.eos_id, tok.pad_id
-    assert split_completion(tok, tok.encode("0959") + [eos, 4, eos], [eos]) == ("0959", True)
-    assert split_completion(tok, tok.encode("09590"), [eos]) == ("09590", False)
-    ids = tok.encode("09") + [pad] + tok.encode("59") + [eos]
-    text, finished = split_completion(tok, ids, [eos])
-    assert (text, finished) == ("09<pad>59", True) and TASK.reward(text, "0959", finished) == 0.0
+    stray = tok.encode("09") + [pad] + tok.encode("59") + [eos]
+    got = split_completions(tok, [tok.encode("0959") + [eos, 4, eos], tok.encode("09590"), stray,
+                                  [eos], []], [eos])
+    assert got == [("0959", True), ("09590", False), ("09<pad>59", True), ("", True),
+                   ("", False)]
+    assert TASK.reward(got[2][0], "0959", got[2][1]) == 0.0
     assert encode_prompt(tok, "042+917=") == [tok.bos_id] + tok.encode("042+917=")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asyncflow.models import Tokenizer, load_pretrained
-from asyncflow.tasks import AdditionConfig, AdditionTask, encode_prompt, split_completion
+from asyncflow.tasks import AdditionConfig, AdditionTask, encode_prompt, split_completions
 from asyncflow.tasks.tiny import (
     MARKER,
     SFTError,
@@ -162,6 +162,6 @@ def test_transformers_greedy_answers_equal_asyncflow(prepared):
     P = batch.input_ids.shape[1]
     with torch.no_grad():
         out = hf_model.generate(**batch, max_new_tokens=5)  # greedy: generation_config.json
-    got = [split_completion(hf_tok, row[P:].tolist(), [hf_tok.eos_token_id]) for row in out]
+    got = split_completions(hf_tok, out[:, P:].tolist(), [hf_tok.eos_token_id])
     assert got == want
     assert len({c for c, _ in want}) > 1  # not a degenerate constant answer

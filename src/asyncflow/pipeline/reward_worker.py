@@ -75,7 +75,7 @@ class RewardItem:
     row: int
     """Queue row id; the caller's, for logs."""
     completion: str
-    """Completion text as `split_completion` returns it."""
+    """Completion text as `split_completions` returns it."""
     answer: str
     """The problem's reference answer."""
     finished: bool

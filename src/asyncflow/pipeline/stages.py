@@ -34,7 +34,7 @@ from asyncflow.models import Tokenizer
 from asyncflow.pipeline.reward_worker import RewardItem, RewardOutcome, RewardWorker
 from asyncflow.pipeline.stage import Metrics, StageBase
 from asyncflow.queue import Batch, GroupSampler, QueueClient, Ragged, StepSampler
-from asyncflow.tasks import Problem, Task, encode_problem, split_completion
+from asyncflow.tasks import Problem, Task, encode_problem, split_completions
 
 logger = get_logger(__name__)
 
@@ -250,10 +250,9 @@ def evaluate(engine: RolloutEngine, scorer: RewardWorker, tokenizer: Tokenizer,
                                   SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
                 for p in problems]
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    items = []
-    for p, c in zip(problems, engine.generate(requests), strict=True):
-        text, finished = split_completion(tokenizer, c.token_ids, eos)
-        items.append(RewardItem(p.uid, text, p.answer, finished, p.data))
+    texts = split_completions(tokenizer, [c.token_ids for c in engine.generate(requests)], eos)
+    items = [RewardItem(p.uid, text, p.answer, finished, p.data)
+             for p, (text, finished) in zip(problems, texts, strict=True)]
     outcomes = scorer.score(items)
     for p, o in zip(problems, outcomes, strict=True):
         if o.error is not None:
@@ -361,8 +360,8 @@ class RewardStage(StageBase):
         """One outcome per row; failures are logged with the row id, problem uid and reason."""
         items = []
         problems: dict[int, Problem] = {}  # a group's rows share their problem: look it up once
-        for row, response, fin, uid in zip(rows, responses, finished, uids, strict=True):
-            text, stopped = split_completion(self.tok, response, self.eos)
+        texts = split_completions(self.tok, responses, self.eos)
+        for row, (text, stopped), fin, uid in zip(rows, texts, finished, uids, strict=True):
             if uid not in problems:
                 problems[uid] = self.task.train_problem(uid)
             p = problems[uid]
@@ -391,12 +390,15 @@ class RewardStage(StageBase):
                     reward += penalty
                     m.mean("reward/overlong_penalty", penalty.mean().item(), len(penalty))
                 self.q.put({"reward": reward}, rows=batch.row_ids, ack=batch)  # ends the batch
-            for r in rewards:
-                if not math.isnan(r):  # a dropped row has no reward to average
-                    m.mean("reward/mean", r)
-            for o in outcomes:  # e.g. one part per reward function; scored rows only
+            scored = [r for r in rewards if not math.isnan(r)]  # a dropped row has none
+            if scored:
+                m.mean("reward/mean", sum(scored) / len(scored), len(scored))
+            parts: dict[str, list[float]] = {}  # e.g. one per reward function; scored rows only
+            for o in outcomes:
                 for name, value in (o.parts or {}).items():
-                    m.mean(f"reward/{name}", value)
+                    parts.setdefault(name, []).append(value)
+            for name, values in parts.items():
+                m.mean(f"reward/{name}", sum(values) / len(values), len(values))
             m.total("reward/failures", sum(o.value is None for o in outcomes))
             m.total("reward/timeouts", sum(o.timed_out for o in outcomes))
         return m

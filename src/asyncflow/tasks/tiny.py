@@ -36,7 +36,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from asyncflow.log import get_logger
 from asyncflow.models import CausalLM, ModelConfig, Tokenizer, build_model, save_pretrained
 from asyncflow.tasks.arithmetic import AdditionConfig, AdditionTask
-from asyncflow.tasks.base import Problem, Task, encode_prompt, split_completion, train_problems
+from asyncflow.tasks.base import Problem, Task, encode_prompt, split_completions, train_problems
 
 logger = get_logger(__name__)
 
@@ -178,7 +178,7 @@ def tiny_model_config(size: str, tokenizer: Tokenizer) -> ModelConfig:
 @torch.no_grad()
 def greedy_completions(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem],
                        max_new_tokens: int = 5) -> list[tuple[str, bool]]:
-    """Greedy `(completion, finished)` per problem (see `split_completion`).
+    """Greedy `(completion, finished)` per problem (see `split_completions`).
 
     Full forward each step, no KV cache: enough for equal-length prompts, which this needs.
     """
@@ -192,7 +192,7 @@ def greedy_completions(model: CausalLM, tokenizer: Tokenizer, problems: list[Pro
         next_B = model.lm_head(hidden_BE).argmax(-1)
         ids_BT = torch.cat([ids_BT, next_B[:, None]], dim=1)
     eos = [tokenizer.eos_id]
-    return [split_completion(tokenizer, row[P:].tolist(), eos) for row in ids_BT]
+    return split_completions(tokenizer, ids_BT[:, P:].tolist(), eos)
 
 
 def greedy_accuracy(model: CausalLM, tokenizer: Tokenizer, task: Task,
