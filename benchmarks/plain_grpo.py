@@ -49,7 +49,7 @@ def main() -> None:
     engine = build_rollout_engine(cfg.engine, load_pretrained(model_dir))
     o, a = cfg.trainer.optim, cfg.algorithm
     opt = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay)
+                            weight_decay=o.weight_decay, fused=True)  # as the FSDP2 trainer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(o, args.steps))
     P, N, mb = cfg.pipeline.prompts_per_step, cfg.pipeline.group_size, cfg.trainer.micro_batch_size
     sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,

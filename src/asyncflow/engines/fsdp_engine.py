@@ -143,9 +143,12 @@ class FSDPTrainEngine:
         self.optimizer = None
         if optim is not None:
             self.model.train()
+            # fused: one kernel for all parameters. One tensor at a time (the default on CPU)
+            # pays DTensor dispatch per op: gradient scaling, clipping and the step of the tiny
+            # model on one FSDP2 rank took 11.8-13.6 ms, fused 4.4-5.5 ms (2-core Xeon VM)
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                eps=optim.eps, weight_decay=optim.weight_decay)
+                eps=optim.eps, weight_decay=optim.weight_decay, fused=True)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lr_factor(optim, total_steps))
             self.max_grad_norm = optim.max_grad_norm
