@@ -173,3 +173,42 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_repeated(setu
     assert log[3] == (1.0, 1, 4)
     assert "2 optimizer steps in a row had a non-finite loss or gradient" in log[4]
     assert out["skip_kept_weights"] and out["good_step_moved"]
+
+
+def _resume_unfused_checkpoint(rank, world, tmp, rows):
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from asyncflow.checkpoint import CheckpointConfig, Checkpointer
+
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    old = FSDPTrainEngine(str(tmp / "model"), mesh, OptimConfig(warmup_steps=0))
+    for g in old.optimizer.param_groups:  # as written before AdamW was fused
+        g["fused"] = None
+    mine = rows[rank::world]
+    batch = pack([r["prompt"] for r in mine], [r["response"] for r in mine])
+    old.forward_backward(batch, lambda lp: ((-lp * batch.response_mask_BT).sum(), {}))
+    old.step(batch.num_response_tokens)
+    path = tmp / "unfused_ckpt"
+    model_sd, optim_sd = get_state_dict(old.model, old.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "train"))
+    if rank == 0:
+        (path / "meta.json").write_text(json.dumps({
+            "step": 1, "scheduler": old.scheduler.state_dict(), "nonfinite_streak": 0}))
+    dist.barrier()
+    new = FSDPTrainEngine(str(tmp / "model"), mesh, OptimConfig(warmup_steps=0))
+    Checkpointer(tmp / "ckpts", CheckpointConfig(), dist.group.WORLD, rank).load(path, new)
+    if rank == 0:
+        torch.save({"fused": [g["fused"] for g in new.optimizer.param_groups],
+                    "state": len(new.optimizer.state), "version": new.policy_version},
+                   tmp / "resumed_unfused.pt")
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused(setup):
+    tmp, rows = setup
+    run_ranks(_resume_unfused_checkpoint, 2, tmp=tmp, rows=rows)
+    out = torch.load(tmp / "resumed_unfused.pt")
+    assert out["fused"] and all(out["fused"])
+    assert out["state"] > 0 and out["version"] == 1  # the state itself was restored

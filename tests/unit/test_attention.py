@@ -10,7 +10,8 @@ from asyncflow.models.transformer import CPU_MIN_KEYS, attention
 
 @pytest.mark.parametrize("S", [1, 5, CPU_MIN_KEYS - 1, CPU_MIN_KEYS, CPU_MIN_KEYS + 3])
 @pytest.mark.parametrize("queries", ["all", "one"])
-def test_padded_keys_give_the_same_attention_and_gradients(S, queries):
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_padded_keys_give_the_same_attention_and_gradients(S, queries, kind):
     g = torch.Generator().manual_seed(S)
     B, H, K, D = 3, 4, 2, 8
     T = S if queries == "all" else 1
@@ -22,6 +23,8 @@ def test_padded_keys_give_the_same_attention_and_gradients(S, queries):
     else:  # one query per row, broadcast over the query axis, keys of the first row cut short
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
         mask[0, ..., S // 2 + 1:] = False
+    if kind == "additive":  # 0 = attend, -inf = hidden
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
     got = attention(q, k, v, mask)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert got.shape == want.shape

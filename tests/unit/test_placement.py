@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from asyncflow.launch.placement import pin_local_rank_cpus, sync_backend, train_device_type
+from asyncflow.launch import placement
+from asyncflow.launch.placement import (
+    pin_local_rank_cpus,
+    sync_backend,
+    train_device_type,
+    unpin_cpus,
+)
 
 
 @pytest.mark.parametrize("train, engine, backend", [
@@ -40,18 +46,37 @@ def test_the_train_device_follows_the_setting_and_cuda_needs_a_gpu():
 def test_each_local_rank_gets_its_own_share_of_the_allowed_cpus(monkeypatch, allowed, ranks,
                                                                 want):
     pinned = []
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pinned.append(sorted(cpus)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     got = []
-    for r in range(ranks):
+    for r in range(ranks):  # each rank is its own process, starting from the job's CPUs
+        monkeypatch.setattr(placement, "_JOB_CPUS", None)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
         monkeypatch.setenv("LOCAL_RANK", str(r))
         got.append(pin_local_rank_cpus())
     assert got == want
     assert pinned == [w for w in want if w is not None]
 
 
+def test_pinning_again_shares_out_the_first_cpus_and_unpin_gives_them_back(monkeypatch):
+    now = {0, 1, 2, 3}  # what the fake process may use, as pinning changes it
+
+    def setaffinity(pid, cpus):
+        now.clear()
+        now.update(cpus)
+
+    monkeypatch.setattr(placement, "_JOB_CPUS", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(now))
+    monkeypatch.setattr(os, "sched_setaffinity", setaffinity)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert [pin_local_rank_cpus() for _ in range(3)] == [[2, 3]] * 3  # a second run(): same share
+    unpin_cpus()
+    assert now == {0, 1, 2, 3}
+
+
 def test_no_pinning_outside_torchrun(monkeypatch):
+    monkeypatch.setattr(placement, "_JOB_CPUS", None)
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pytest.fail("pinned"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -251,8 +251,14 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "train"), process_group=self.group)
+        # how the optimizer steps (fused, foreach) is this code's choice, not the checkpoint's:
+        # a checkpoint saved before AdamW was fused would otherwise turn it off again
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g}
+                for g in engine.optimizer.param_groups]
         set_state_dict(engine.model, engine.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
+        for group, flags in zip(engine.optimizer.param_groups, impl, strict=True):
+            group.update(flags)
         engine.scheduler.load_state_dict(meta["scheduler"])
         engine.policy_version = int(meta["step"])
         engine.nonfinite_streak = int(meta["nonfinite_streak"])

@@ -106,6 +106,11 @@ class Meshes:
         return self.train_ranks[0]
 
 
+_JOB_CPUS: list[int] | None = None
+"""The CPUs this process could use before its first pin: what every pin shares out, and what
+`unpin_cpus` gives back (a process may run the pipeline more than once)."""
+
+
 def pin_local_rank_cpus() -> list[int] | None:
     """Restrict this process (and the threads and processes it starts later) to its node-local
     rank's contiguous share of the CPUs it may use now; returns them, or None where there is no
@@ -120,12 +125,21 @@ def pin_local_rank_cpus() -> list[int] | None:
         return None
     if not hasattr(os, "sched_setaffinity"):
         return None
-    cpus = sorted(os.sched_getaffinity(0))
+    global _JOB_CPUS
+    if _JOB_CPUS is None:
+        _JOB_CPUS = sorted(os.sched_getaffinity(0))
+    cpus = _JOB_CPUS
     if n_local < 2 or len(cpus) < n_local:
         return None
     mine = cpus[local * len(cpus) // n_local:(local + 1) * len(cpus) // n_local]
     os.sched_setaffinity(0, mine)
     return mine
+
+
+def unpin_cpus() -> None:
+    """Give this thread back the CPUs it had before `pin_local_rank_cpus`."""
+    if _JOB_CPUS is not None:
+        os.sched_setaffinity(0, _JOB_CPUS)
 
 
 def train_device_type(setting: str) -> str:

@@ -118,15 +118,16 @@ CPU_MIN_KEYS = 16
 """Fewest key positions an attention call gets on CPU (see the module docstring)."""
 
 
-def attention(q_BHTD, k_BKSD, v_BKSD, mask_B1TS: torch.Tensor) -> torch.Tensor:
-    """`scaled_dot_product_attention` with a boolean mask (True = attend) and grouped KV heads;
-    on CPU, fewer than `CPU_MIN_KEYS` keys are first padded with masked ones (same result,
-    several times faster)."""
+def attention(q_BHTD, k_BKSD, v_BKSD, mask_B1TS: torch.Tensor | None) -> torch.Tensor:
+    """`scaled_dot_product_attention` with grouped KV heads and a boolean (True = attend) or
+    additive float mask; on CPU, fewer than `CPU_MIN_KEYS` keys are first padded with masked
+    ones (same result, several times faster)."""
     S = k_BKSD.shape[-2]
-    if S < CPU_MIN_KEYS and q_BHTD.device.type == "cpu":
+    if S < CPU_MIN_KEYS and q_BHTD.device.type == "cpu" and mask_B1TS is not None:
         pad = CPU_MIN_KEYS - S
         k_BKSD, v_BKSD = (F.pad(x, (0, 0, 0, pad)) for x in (k_BKSD, v_BKSD))
-        mask_B1TS = F.pad(mask_B1TS.expand(*mask_B1TS.shape[:-1], S), (0, pad), value=False)
+        hidden = False if mask_B1TS.dtype == torch.bool else float("-inf")
+        mask_B1TS = F.pad(mask_B1TS.expand(*mask_B1TS.shape[:-1], S), (0, pad), value=hidden)
     return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_B1TS,
                                           enable_gqa=q_BHTD.shape[1] != k_BKSD.shape[1])
 

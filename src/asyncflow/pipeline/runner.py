@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asyncflow.config import Config
-from asyncflow.launch.placement import pin_local_rank_cpus, train_device_type
+from asyncflow.launch.placement import pin_local_rank_cpus, train_device_type, unpin_cpus
 from asyncflow.log import get_logger
 from asyncflow.pipeline.context import RunContext, open_run
 from asyncflow.pipeline.control import StopRequested, timeout_hint
@@ -76,15 +76,19 @@ def run(cfg: Config, stages: list[StageDecl] | None = None,
     if (cfg.placement.pin_cpus and cfg.engine.device == "cpu"
             and train_device_type(cfg.trainer.device) == "cpu"):
         pinned = pin_local_rank_cpus()  # before open_run starts any thread
-    ctx = open_run(cfg)
-    if pinned is not None:
-        logger.info("rank %d runs on CPUs %s (placement.pin_cpus)", ctx.meshes.rank, pinned)
-    with ctx.guard():
-        decls = with_stages(graph(ctx), stages or [])
-        ctx.start_queue(decls)
-        schedule = Schedule(ctx, decls)
-        freeze_startup_objects()
-        schedule.run()
-        schedule.close()
-        ctx.close()
+    try:
+        ctx = open_run(cfg)
+        if pinned is not None:
+            logger.info("rank %d runs on CPUs %s (placement.pin_cpus)", ctx.meshes.rank, pinned)
+        with ctx.guard():
+            decls = with_stages(graph(ctx), stages or [])
+            ctx.start_queue(decls)
+            schedule = Schedule(ctx, decls)
+            freeze_startup_objects()
+            schedule.run()
+            schedule.close()
+            ctx.close()
+    finally:
+        if pinned is not None:
+            unpin_cpus()
     return ctx.run_dir
