@@ -160,7 +160,8 @@ class FSDPTrainEngine:
         return token_logprobs(batch.logits(self.model), batch.targets_BT, temperature)
 
     @torch.no_grad()
-    def logprobs(self, batch: PackedBatch | SharedPromptBatch, temperature: float = 1.0) -> torch.Tensor:
+    def logprobs(self, batch: PackedBatch | SharedPromptBatch,
+                 temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [B, T] of every target token (meaningful where response_mask is 1)."""
         return self._logprobs(batch, temperature)
 

@@ -162,7 +162,8 @@ def pack_shared(prompts: Ragged | list[torch.Tensor], responses: Ragged | list[t
     prompt_valid_GP = torch.arange(distinct_GP.shape[1]) < P_G[:, None]
     num_prompt_tokens = int(P_G.sum())
     prompt_first_G = torch.cumsum(P_G, 0) - P_G
-    prompt_index_GP = (prompt_first_G[:, None] + torch.arange(distinct_GP.shape[1])) * prompt_valid_GP
+    prompt_index_GP = ((prompt_first_G[:, None] + torch.arange(distinct_GP.shape[1]))
+                       * prompt_valid_GP)
 
     R_B = r.lengths
     inputs_B = (R_B - 1).clamp(min=0)  # the last response token predicts nothing

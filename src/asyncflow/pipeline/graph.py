@@ -12,10 +12,10 @@
  train      train ranks, main thread          every column above -> optimizer step, weights out
 ```
 
-Advantages are computed on the rollout side, where the rewards they need live. (Since the
-trainer reads shared prompts once, the default's rollout rank is its bottleneck; moving the
-reward and advantage stages to the train rank made no measurable difference there.) `with_stages` adds a user's stages before the train
-mesh's, so a column they produce can be one the train stage is given (see `map_stage`).
+Advantages are computed on the rollout side, where the rewards they need live. Moving the
+reward and advantage stages to the train rank, or onto the rollout rank's main thread, made no
+measurable difference to the default's step time. `with_stages` adds a user's stages before the
+train mesh's, so a column they produce can be one the train stage is given (see `map_stage`).
 """
 
 from __future__ import annotations

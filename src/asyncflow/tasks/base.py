@@ -13,9 +13,9 @@ contract at the token boundary so every caller builds prompts and reads completi
   tokens: exactly transformers' `apply_chat_template(messages, add_generation_prompt=True)` (a
   template that writes its own BOS gets one). A chat prompt without the template, or the
   template without a tokenizer that has one, is a ValueError naming `task.chat_template`.
-- `split_completions` turns generated ids into `(completion, finished)` pairs: the text decoded from the
-  ids before the first EOS (special tokens kept, so a stray `<pad>` can never look like a digit)
-  and whether an EOS was generated at all. `Task.reward` takes exactly that pair.
+- `split_completions` turns generated ids into `(completion, finished)` pairs: the text decoded
+  from the ids before the first EOS (special tokens kept, so a stray `<pad>` can never look like a
+  digit) and whether an EOS was generated at all. `Task.reward` takes exactly that pair.
 
 Rewards travel as one float per row. A task may also report named parts (e.g. one per user
 reward function) by returning a `RewardBreakdown`; and a task whose reward reads the problem's
