@@ -5,7 +5,7 @@
  store(cols)  -> ready_mask |= cols; every stage whose needs became complete: stage.add_rows
  lease        -> stage.remove_rows; leased_mask |= stage
  consume      -> leased_mask &= ~stage; consumed_mask |= stage; all stages consumed -> freed
- give back    -> leased_mask &= ~stage; stage.add(row, front=True) (redelivered first)
+ give back    -> leased_mask &= ~stage; stage.add_front(rows) (redelivered first)
  freed        -> forgotten; (slot, row id) queued for each owner, whose storage reuses the slot
 ```
 
@@ -130,10 +130,19 @@ class RowTable:
             for meta, v in zip(metas, policy_versions, strict=True):
                 meta.policy_version = v
         woken: set[int] = set()
+        # rows put together have had the same columns so far: one test then stands for all
+        same = bool(old_masks) and old_masks.count(old_masks[0]) == len(old_masks)
         # only a stage needing one of these columns can become ready (saves a test per row)
         for st in self.stages:
             needs, bit = st.needs_mask, 1 << st.index
             if not needs & mask:
+                continue
+            if same:
+                old = old_masks[0]
+                # a stage never offered a row has not leased or consumed it either
+                if old & needs != needs and (old | mask) & needs == needs:
+                    st.add_rows(row_ids, metas)
+                    woken.add(st.index)
                 continue
             ready = [i for i, (m, old) in enumerate(zip(metas, old_masks, strict=True))
                      if old & needs != needs and (old | mask) & needs == needs
@@ -177,8 +186,11 @@ class RowTable:
             meta.leased_mask |= bit
         steps = [m.step for m in metas]
         taken = st.taken_by_step
-        for step, n in Counter(steps).items():
-            taken[step] = taken.get(step, 0) + n
+        if steps.count(steps[0]) == len(steps):  # the rows of one step (the step samplers')
+            taken[steps[0]] = taken.get(steps[0], 0) + len(steps)
+        else:
+            for step, n in Counter(steps).items():
+                taken[step] = taken.get(step, 0) + n
         lease_id = self.next_lease_id
         self.next_lease_id += 1
         self.leases[lease_id] = Lease(lease_id, st.index, consumer, rows)
@@ -230,11 +242,11 @@ class RowTable:
     def give_back(self, lease: Lease) -> StageState:
         """The rows of a popped lease go back to the front of its stage's ready index."""
         st = self.stages[lease.stage]
-        for rid in reversed(lease.row_ids):
-            meta = self.rows[rid]
+        metas = [self.rows[rid] for rid in lease.row_ids]
+        for meta in metas:
             meta.leased_mask &= ~(1 << st.index)
             st.taken_by_step[meta.step] -= 1
-            st.add(rid, meta, front=True)
+        st.add_front(lease.row_ids, metas)
         return st
 
     def expire(self, consumer: str) -> list[Lease]:

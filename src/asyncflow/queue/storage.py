@@ -15,7 +15,6 @@ import collections
 import contextlib
 import glob
 import itertools
-import operator
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,79 +110,57 @@ class Storage(Protocol):
 
 
 class MemoryStorage:
-    """Keeps references to the put tensors. Slot = row id; per column, row -> the put's tensor
-    and the row's index in it (ragged: the put's values, the row's start and length). Plain
-    ints, not a tuple per row: per-row container objects made every put feed the cyclic garbage
-    collector, whose full passes cost ~15x the write itself on a process that holds torch."""
+    """Keeps references to the put values (a tensor, or the `Ragged` of a ragged column). Slot =
+    row id; per column, row -> the put's value and the row's index in it. Plain ints, not a tuple
+    per row: per-row container objects made every put feed the cyclic garbage collector, whose
+    full passes cost ~15x the write itself on a process that holds torch."""
 
     def __init__(self, schema: Schema):
         self.schema = schema
         names = [c.name for c in schema.columns]
-        self._base: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+        self._base: dict[str, dict[int, ColumnValue]] = {n: {} for n in names}
         self._start: dict[str, dict[int, int]] = {n: {} for n in names}
-        self._len: dict[str, dict[int, int]] = {n: {} for n in names}  # ragged columns only
 
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
         for name in columns:
             if not self._base[name].keys().isdisjoint(row_ids):
                 _check_write_once(name, [r for r in row_ids if r in self._base[name]])
         for name, value in columns.items():  # dict updates from iterators: no Python loop per row
-            base, start = self._base[name], self._start[name]
-            if self.schema.spec(name).ragged:
-                offsets = value.offsets.tolist()
-                base.update(dict.fromkeys(row_ids, value.values))
-                start.update(zip(row_ids, offsets[:-1], strict=True))
-                lengths = map(operator.sub, offsets[1:], offsets[:-1])
-                self._len[name].update(zip(row_ids, lengths, strict=True))
-            else:
-                base.update(dict.fromkeys(row_ids, value))
-                start.update(zip(row_ids, range(len(row_ids)), strict=True))
+            self._base[name].update(dict.fromkeys(row_ids, value))
+            self._start[name].update(zip(row_ids, range(len(row_ids)), strict=True))
         return list(row_ids)
 
     def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
         spec = self.schema.spec(column)
-        base, start = self._base[column], self._start[column]
-        if spec.ragged:
-            length = self._len[column]
-            lens = [length[s] for s in slots]
-            if slots and all(base[s] is base[slots[0]] for s in slots):
-                ends = list(itertools.accumulate(lens, initial=start[slots[0]]))
-                if all(start[s] == e for s, e in zip(slots, ends[:-1], strict=True)):  # one put
-                    return Ragged.from_lengths(base[slots[0]][ends[0] : ends[-1]],
-                                               torch.tensor(lens, dtype=torch.int64))
-            if not slots:
-                return assemble(spec, [])
-            pieces, pos = [], 0
-            for _, same in itertools.groupby(map(base.__getitem__, slots), key=id):
-                run = slots[pos : pos + len(list(same))]  # rows of one put: one gather
-                pieces.append(Ragged.gather(base[run[0]], torch.tensor([start[s] for s in run]),
-                                            torch.tensor(lens[pos : pos + len(run)])))
-                pos += len(run)
-            if len(pieces) == 1:
-                return pieces[0]
-            return Ragged.from_lengths(torch.cat([p.values for p in pieces]), torch.tensor(lens))
         if not slots:
-            return torch.empty((0, *spec.shape), dtype=spec.torch_dtype) if out is None else out
+            if spec.ragged or out is None:
+                return assemble(spec, [])
+            return out
+        base, start = self._base[column], self._start[column]
         bases, starts = list(map(base.__getitem__, slots)), list(map(start.__getitem__, slots))
         pieces, pos = [], 0
         for _, same in itertools.groupby(bases, key=id):  # rows of one put, side by side
             n = len(list(same))
             put, idx = bases[pos], starts[pos : pos + n]
-            if idx == list(range(idx[0], idx[0] + n)):
-                pieces.append(put.narrow(0, idx[0], n))  # a view
-            else:
-                pieces.append(put.index_select(0, torch.tensor(idx)))
+            if idx == list(range(idx[0], idx[0] + n)):  # a view
+                pieces.append(put.slice_rows(idx[0], idx[0] + n) if spec.ragged
+                              else put.narrow(0, idx[0], n))
+            else:  # one gather
+                pieces.append(put.take(idx) if spec.ragged
+                              else put.index_select(0, torch.tensor(idx)))
             pos += n
         # Python work per put, not per row; rows put together and read in order: zero-copy
-        if out is not None:
-            return torch.cat(pieces, out=out)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if len(pieces) == 1 and out is None:
+            return pieces[0]
+        if spec.ragged:
+            return Ragged.from_lengths(torch.cat([p.values for p in pieces]),
+                                       torch.cat([p.lengths for p in pieces]))
+        return torch.cat(pieces, out=out)
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
         absent = [None] * len(row_ids)
         for name in columns:
-            dicts = (self._base[name], self._start[name], self._len[name])
-            for d in dicts if self.schema.spec(name).ragged else dicts[:2]:
+            for d in (self._base[name], self._start[name]):
                 collections.deque(map(d.pop, row_ids, absent), maxlen=0)  # pops at C speed
 
     def free(self, entries: list[tuple[int, int]]) -> None:
@@ -294,7 +271,8 @@ class SharedMemoryStorage:
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._slot_of: dict[int, int] = {}
         self._row_of: dict[int, int] = {}
-        self._cols_of: dict[int, set[str]] = {}
+        self._stored: dict[str, set[int]] = {c.name: set() for c in schema.columns}
+        """Column -> rows holding it here: set operations per batch, not a set per row."""
 
     @property
     def num_free_slots(self) -> int:
@@ -302,17 +280,19 @@ class SharedMemoryStorage:
 
     def write(self, row_ids: list[int], columns: dict[str, Any]) -> list[int]:
         for name in columns:
-            _check_write_once(name, [r for r in row_ids if name in self._cols_of.get(r, ())])
-        new = list(dict.fromkeys(r for r in row_ids if r not in self._slot_of))
-        if len(new) > len(self._free_slots):
-            raise MemoryError(
-                f"storage full: {len(new)} slots needed, {len(self._free_slots)} free"
-            )
-        for rid in new:
-            s = self._free_slots.pop()
-            self._slot_of[rid], self._row_of[s] = s, rid
-            self._cols_of[rid] = set()
-        slots = [self._slot_of[r] for r in row_ids]
+            stored = self._stored[name]
+            if not stored.isdisjoint(row_ids):
+                _check_write_once(name, [r for r in row_ids if r in stored])
+        slot_of, free = self._slot_of, self._free_slots
+        new = [r for r in dict.fromkeys(row_ids) if r not in slot_of]
+        if len(new) > len(free):
+            raise MemoryError(f"storage full: {len(new)} slots needed, {len(free)} free")
+        if new:  # the first new row takes the last free slot, as one pop per row would
+            taken = free[-len(new):][::-1]
+            del free[-len(new):]
+            slot_of.update(zip(new, taken, strict=True))
+            self._row_of.update(zip(taken, new, strict=True))
+        slots = [slot_of[r] for r in row_ids]
         idx = torch.tensor(slots, dtype=torch.int64)
         for name, value in columns.items():
             slab = self.slabs.map(name)
@@ -325,29 +305,30 @@ class SharedMemoryStorage:
                 padded = value.padded()
                 slab.narrow(1, 0, padded.shape[1]).index_copy_(0, idx, padded)
                 self.slabs.lengths[name].index_copy_(0, idx, value.lengths)
-            for rid in row_ids:
-                self._cols_of[rid].add(name)
+            self._stored[name].update(row_ids)
         return slots
 
     def read(self, column: str, slots: list[int], out: torch.Tensor | None = None) -> ColumnValue:
         return self.slabs.read(column, slots, out)
 
     def discard(self, row_ids: list[int], columns: list[str]) -> None:
-        for rid in row_ids:
-            cols = self._cols_of.get(rid)
-            if cols is not None:
-                cols.difference_update(columns)
-                if not cols:
-                    self.free([(self._slot_of[rid], rid)])
+        for name in columns:
+            self._stored[name].difference_update(row_ids)
+        stored = self._stored.values()
+        self.free([(self._slot_of[r], r) for r in row_ids
+                   if r in self._slot_of and not any(r in rows for rows in stored)])
 
     def free(self, entries: list[tuple[int, int]]) -> None:
+        gone = []
         for s, rid in entries:
             if self._row_of.get(s) != rid:
                 continue
             del self._row_of[s]
             del self._slot_of[rid]
-            del self._cols_of[rid]
             self._free_slots.append(s)
+            gone.append(rid)
+        for rows in self._stored.values():
+            rows.difference_update(gone)
 
     def close(self) -> None:
         """Unlink the slab files; mappings already open elsewhere stay valid until dropped."""
