@@ -41,6 +41,7 @@ from asyncflow.pipeline.stages import (
     PromptStage,
     RewardStage,
     RolloutStage,
+    TrainProblems,
     VersionGate,
     WeightReceiveStage,
     drain_step,
@@ -159,8 +160,16 @@ def _eval(ctx: RunContext) -> Stage:
                      cfg.rollout.max_new_tokens, cfg.task.reward_timeout_s, samples)
 
 
+def train_problems(ctx: RunContext) -> TrainProblems:
+    """One per rank, shared by its prompt and reward stages; it holds the problems of the steps
+    the queue can hold, and one more."""
+    s = ctx.shape
+    return ctx.shared("train_problems", lambda: TrainProblems(
+        ctx.task, (s.max_staleness + 3) * s.prompts_per_step))
+
+
 def _prompts(ctx: RunContext) -> Stage:
-    return PromptStage(ctx.client, ctx.task, ctx.tokenizer, ctx.shape,
+    return PromptStage(ctx.client, train_problems(ctx), ctx.tokenizer, ctx.shape,
                        ctx.resume.prompt_step if ctx.resume else 0)
 
 
@@ -180,7 +189,8 @@ def _reward(ctx: RunContext) -> Stage:
     a = ctx.cfg.algorithm
     return RewardStage(ctx.client, ctx.task, ctx.tokenizer, ctx.shape,
                        ctx.cfg.task.reward_timeout_s, ctx.cfg.task.on_reward_failure,
-                       (ctx.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty))
+                       (ctx.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty),
+                       train_problems(ctx))
 
 
 def _advantage(ctx: RunContext) -> Stage:
