@@ -60,6 +60,7 @@ def test_each_faulty_reward_is_a_counted_failure_logged_with_its_row_and_zero_re
     assert advantages[0] > 0 > advantages[1] and advantages[2:] == [0.0] * 10
     assert metrics["reward/failures"] == 10 and metrics["reward/timeouts"] == 2
     assert metrics["reward/dropped_groups"] == 0
+    assert metrics["advantage/flat_group_frac"] == pytest.approx(5 / 6)  # all-zero groups
     assert metrics["reward/mean"] == pytest.approx(1 / 12)
     messages = [r.getMessage() for r in caplog.records]
     reasons = {"hang": "timeout after 0.5 s", "raise": "RuntimeError: sandbox died",
@@ -79,6 +80,7 @@ def test_drop_group_gives_a_failed_rows_group_zero_advantage_and_counts_it():
     assert advantages[2:4] == [0.0, 0.0] == advantages[6:]
     assert metrics["reward/failures"] == 4 and metrics["reward/timeouts"] == 0
     assert metrics["reward/dropped_groups"] == 2
+    assert metrics["advantage/flat_group_frac"] == pytest.approx(0.5)  # a dropped group is flat
     assert metrics["reward/mean"] == pytest.approx(0.5)  # over the rows that have a reward
 
 

@@ -462,8 +462,8 @@ class AdvantageStage(StageBase):
                 raise stalled(f"advantage: waiting for whole groups of step {step}",
                               self.shape.timeout_s)
             with m.span("advantage"):
-                order = sorted(range(len(batch)),
-                               key=lambda i: (batch.group_ids[i], batch.row_ids[i]))
+                keys = list(zip(batch.group_ids, batch.row_ids, strict=True))
+                order = sorted(range(len(batch)), key=keys.__getitem__)
                 rewards_GN = batch.columns["reward"][order].view(-1, N)
                 # a group with a NaN reward (a failed row under drop_group) gets advantage 0
                 adv_GN, _ = group_advantages(rewards_GN, self.baseline, self.normalize_std)
@@ -473,13 +473,19 @@ class AdvantageStage(StageBase):
                 if self.mask_truncated:
                     truncated = batch.columns["finished"] == 0
                     adv[truncated] = 0.0
+                    masked: dict[int, int] = {}  # step -> rows masked
                     for s, t in zip(batch.steps, truncated.tolist(), strict=True):
-                        m.total("advantage/masked_truncated", float(t), step=s)
+                        masked[s] = masked.get(s, 0) + t
+                    for s, n in masked.items():
+                        m.total("advantage/masked_truncated", float(n), step=s)
                 self.q.put({"advantage": adv}, rows=batch.row_ids, ack=batch)  # ends the batch
             flat_G = ((rewards_GN == rewards_GN[:, :1]).all(dim=1) | dropped_G).tolist()
+            counts: dict[int, list[int]] = {}  # step -> [groups, flat ones, dropped ones]
             for g, (flat, dropped) in enumerate(zip(flat_G, dropped_G.tolist(), strict=True)):
-                s = batch.steps[order[g * N]]
-                self.groups_done[s] = self.groups_done.get(s, 0) + 1
-                m.mean("advantage/flat_group_frac", float(flat), step=s)
+                c = counts.setdefault(batch.steps[order[g * N]], [0, 0, 0])
+                c[0], c[1], c[2] = c[0] + 1, c[1] + flat, c[2] + dropped
+            for s, (groups, flat, dropped) in counts.items():  # one record per step, not group
+                self.groups_done[s] = self.groups_done.get(s, 0) + groups
+                m.mean("advantage/flat_group_frac", flat / groups, groups, step=s)
                 m.total("reward/dropped_groups", float(dropped), step=s)
         return m  # groups of later steps are reported for their own step
