@@ -4,8 +4,9 @@
 
 The calls the GRPO stages make for one step of the tiny default (32 prompts x 8 rows, 6-token
 responses), in their order and with their columns and samplers: prompts put, rollout get + put
-(its lease acked by the put), reward get + put, advantage get (whole groups) + put, train get
-(the step's groups) + ack. The queue layout is the real graph's (`grpo_graph`). The controller is
+(its lease acked by the put; the rows in the order their groups finish, shuffled, so later reads
+of the response columns gather rather than slice), reward get + put, advantage get (whole
+groups) + put, train get (the step's groups) + ack. The queue layout is the real graph's (`grpo_graph`). The controller is
 in-process (as on the host rank); `local` is the colocated run's storage, `shm` the split run's.
 The data is made outside the timed calls, so what is timed is the queue alone: its Python per
 row, which a colocated run pays on its one thread and a split run on the rollout rank's core.
@@ -77,9 +78,12 @@ def replay(transport: str, steps: int, warmup: int = 20) -> dict[str, float]:
               num_tokens=prompts.lengths.tolist())
         b = timed("rollout get", q.get, "rollout", P * N, sampler=StepSampler(s),
                   columns=["prompt_ids"])
+        # rows go onward as their groups finish: the step's groups in a shuffled order
+        done = (torch.randperm(P, generator=gen)[:, None] * N + torch.arange(N)).flatten()
+        rows = [b.row_ids[i] for i in done.tolist()]
         timed("rollout put", q.put, {"response_ids": responses, "behaviour_logprobs": logprobs,
                                      "finished": torch.ones(P * N, dtype=torch.long)},
-              rows=b.row_ids, policy_versions=[s] * len(b), num_tokens=[16] * len(b), ack=b)
+              rows=rows, policy_versions=[s] * len(b), num_tokens=[16] * len(b), ack=b)
         b = timed("reward get", q.get, "reward", P * N, sampler=StepSampler(s),
                   columns=["response_ids", "finished", "uid"])
         timed("reward put", q.put, {"reward": torch.rand(len(b), generator=gen)},

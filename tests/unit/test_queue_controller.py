@@ -254,6 +254,9 @@ def test_get_balanced_round_times_out_empty_for_everyone():
             "rollout": [0, 0], "reward": [], "train": []}}), "a row twice"),
         (lambda c: c.load_state_dict({**c.state_dict(), "ready_order": {
             "rollout": [], "reward": [0], "train": []}}), "not ready for it"),
+        # consumed by `reward` before its `response` is stored: never offered, cannot be
+        (lambda c: c.load_state_dict({**c.state_dict(), "rows": [
+            r[:6] + [0b010] + r[7:] for r in c.state_dict()["rows"]]}), "consumed rows"),
     ],
 )
 def test_bad_input_refused_and_state_unchanged(call, match):

@@ -95,9 +95,10 @@ def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s
 
 
 class TrainProblems:
-    """`task.train_problem(index)`, remembered for the last `keep` indexes: the prompt stage makes
-    each problem and the reward stage of the same rank needs it again a step or two later. The
-    tiny task builds one from a string-seeded RNG (~15 us: 0.5 ms a step, twice). Thread-safe."""
+    """`task.train_problem(index)`, remembering the last `keep` problems it built: the prompt
+    stage makes each problem and the reward stage of the same rank needs it again a step or two
+    later. The tiny task builds one from a string-seeded RNG (~15 us: 0.5 ms a step, twice).
+    Thread-safe (two threads missing the same index at once both build it)."""
 
     def __init__(self, task: Task, keep: int):
         self.task, self.keep = task, keep
@@ -110,7 +111,7 @@ class TrainProblems:
             problem = self.task.train_problem(index)
             with self._lock:
                 self._cache[index] = problem
-                while len(self._cache) > self.keep:  # oldest first
+                while len(self._cache) > self.keep:  # the first built first
                     del self._cache[next(iter(self._cache))]
         return problem
 
@@ -486,6 +487,8 @@ class AdvantageStage(StageBase):
                 c[0], c[1], c[2] = c[0] + 1, c[1] + flat, c[2] + dropped
             for s, (groups, flat, dropped) in counts.items():  # one record per step, not group
                 self.groups_done[s] = self.groups_done.get(s, 0) + groups
-                m.mean("advantage/flat_group_frac", flat / groups, groups, step=s)
+                # as 1.0 and 0.0 weighted by their counts: the sum stays an exact count
+                m.mean("advantage/flat_group_frac", 1.0, flat, step=s)
+                m.mean("advantage/flat_group_frac", 0.0, groups - flat, step=s)
                 m.total("reward/dropped_groups", float(dropped), step=s)
         return m  # groups of later steps are reported for their own step

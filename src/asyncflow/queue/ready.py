@@ -8,8 +8,8 @@ once per row. The indexes are plain dicts (insertion-ordered), not OrderedDicts,
 a step's 256 rows cost 4x a dict's; rows given back go first by rebuilding the dict (`add_front`),
 a path the pipeline only takes after a failure. With this, the batched storage bookkeeping and
 one test per put in `RowTable.store`, one default step's queue calls (benchmarks/queue_step.py,
-in one process) went from 4.0-4.2 to 2.9 ms with in-process storage, 4.2 to 3.5 ms with shared
-memory."""
+in one process) went from 4.5 to 3.6-3.8 ms with in-process storage, 4.5-4.6 to 3.5-3.7 ms with
+shared memory."""
 
 from __future__ import annotations
 

@@ -139,7 +139,8 @@ class RowTable:
                 continue
             if same:
                 old = old_masks[0]
-                # a stage never offered a row has not leased or consumed it either
+                # a stage never offered a row has not leased or consumed it either (a loaded
+                # state is checked for this: `saved._check_orders`)
                 if old & needs != needs and (old | mask) & needs == needs:
                     st.add_rows(row_ids, metas)
                     woken.add(st.index)
@@ -186,7 +187,7 @@ class RowTable:
             meta.leased_mask |= bit
         steps = [m.step for m in metas]
         taken = st.taken_by_step
-        if steps.count(steps[0]) == len(steps):  # the rows of one step (the step samplers')
+        if steps and steps.count(steps[0]) == len(steps):  # one step's rows (step samplers)
             taken[steps[0]] = taken.get(steps[0], 0) + len(steps)
         else:
             for step, n in Counter(steps).items():

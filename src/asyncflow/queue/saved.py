@@ -89,7 +89,8 @@ def parse(state: dict[str, Any], table: RowTable) -> SavedState:
 
 
 def _check_orders(rows: dict[int, RowMeta], orders: dict[str, list[int]], table: RowTable) -> None:
-    """Every stage lists stored rows, each once, that are ready for it and not consumed by it."""
+    """Every stage lists stored rows, each once, that are ready for it and not consumed by it,
+    and has consumed only rows that hold every column it needs."""
     unknown = [r for order in orders.values() for r in order if r not in rows]
     if unknown:
         raise ValueError(f"not a queue state: ready rows {unknown[:8]} are not stored")
@@ -103,6 +104,12 @@ def _check_orders(rows: dict[int, RowMeta], orders: dict[str, list[int]], table:
         if bad or len(set(order)) != len(order):
             raise ValueError(f"not a queue state: stage {st.name!r} lists rows {bad[:8]} "
                              "that are not ready for it, or a row twice")  # fmt: skip
+        # a stage consumes only rows it was offered (`RowTable.store` relies on it)
+        early = [r for r, m in rows.items()
+                 if m.consumed_mask >> st.index & 1 and m.ready_mask & needs != needs]
+        if early:
+            raise ValueError(f"not a queue state: stage {st.name!r} consumed rows {early[:8]} "
+                             "whose columns it needs are not all stored")
 
 
 def load(table: RowTable, saved: SavedState) -> None:

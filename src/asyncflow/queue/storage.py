@@ -125,6 +125,10 @@ class MemoryStorage:
         for name in columns:
             if not self._base[name].keys().isdisjoint(row_ids):
                 _check_write_once(name, [r for r in row_ids if r in self._base[name]])
+        for name, value in columns.items():
+            if len(value) != len(row_ids):  # e.g. a restored snapshot's entry
+                raise ValueError(f"column {name!r} has {len(value)} rows for {len(row_ids)} "
+                                 "row ids")
         for name, value in columns.items():  # dict updates from iterators: no Python loop per row
             self._base[name].update(dict.fromkeys(row_ids, value))
             self._start[name].update(zip(row_ids, range(len(row_ids)), strict=True))
