@@ -1,11 +1,12 @@
-"""The per-rank memory of train problems that the prompt and reward stages share."""
+"""The per-rank memory of train problems that the graph gives its prompt and reward stages."""
 
 from __future__ import annotations
 
-import threading
+from types import SimpleNamespace
 
 from asyncflow.config import load_config
-from asyncflow.pipeline.stages import TrainProblems
+from asyncflow.pipeline.graph import train_problems
+from asyncflow.pipeline.stages import StepShape
 from asyncflow.tasks import AdditionTask
 
 
@@ -18,30 +19,29 @@ class CountingTask:
         return self.task.train_problem(index)
 
 
-def test_remembers_the_last_problems_and_gives_the_tasks_own():
+def _ctx(task, max_staleness: int, prompts_per_step: int):
+    """What `train_problems` reads of a RunContext; `shared` makes one object per key."""
+    objects: dict = {}
+
+    def shared(key, make):
+        if key not in objects:
+            objects[key] = make()
+        return objects[key]
+
+    return SimpleNamespace(task=task, shared=shared,
+                           shape=StepShape(prompts_per_step, 8, 100, max_staleness, 5.0))
+
+
+def test_both_stages_get_one_memory_of_the_steps_the_queue_can_hold():
     task = AdditionTask(load_config([]).task)
     counting = CountingTask(task)
-    problems = TrainProblems(counting, keep=4)
-    first = [problems(i) for i in range(6)]  # 0 and 1 are forgotten, oldest first
-    assert first == [task.train_problem(i) for i in range(6)]
-    assert [problems(i) for i in (2, 3, 4, 5)] == first[2:]
-    assert counting.calls == list(range(6))  # no second call for a kept problem
-    assert problems(0) == first[0] and counting.calls[-1] == 0
-
-
-def test_threads_share_one_memory():
-    counting = CountingTask(AdditionTask(load_config([]).task))
-    problems = TrainProblems(counting, keep=64)
-    out = [None, None]
-
-    def worker(k):
-        out[k] = [problems(i).answer for i in range(64)]
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert out[0] == out[1] and set(counting.calls) == set(range(64))
-    calls = len(counting.calls)
-    assert [problems(i).answer for i in range(64)] == out[0] and len(counting.calls) == calls
+    ctx = _ctx(counting, max_staleness=1, prompts_per_step=4)
+    problems = train_problems(ctx)
+    assert train_problems(ctx) is problems  # the reward stage's is the prompt stage's
+    kept = (1 + 3) * 4  # eta + 2 steps in the queue, and one more
+    first = [problems(i) for i in range(kept)]
+    assert first == [task.train_problem(i) for i in range(kept)]
+    assert [problems(i) for i in range(kept)] == first and counting.calls == list(range(kept))
+    problems(kept)  # one more: the least recently used is forgotten
+    problems(0)
+    assert counting.calls[-2:] == [kept, 0]

@@ -20,6 +20,7 @@ train mesh's, so a column they produce can be one the train stage is given (see 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 import time
@@ -41,13 +42,13 @@ from asyncflow.pipeline.stages import (
     PromptStage,
     RewardStage,
     RolloutStage,
-    TrainProblems,
     VersionGate,
     WeightReceiveStage,
     drain_step,
 )
 from asyncflow.pipeline.trainer import DataParallelDrain, ReferenceStage, TrainStage
 from asyncflow.queue import ColumnSpec
+from asyncflow.tasks import Problem
 from asyncflow.weights import LocalSync, build_weight_sync, weight_specs
 
 logger = get_logger(__name__)
@@ -160,12 +161,14 @@ def _eval(ctx: RunContext) -> Stage:
                      cfg.rollout.max_new_tokens, cfg.task.reward_timeout_s, samples)
 
 
-def train_problems(ctx: RunContext) -> TrainProblems:
-    """One per rank, shared by its prompt and reward stages; it holds the problems of the steps
-    the queue can hold, and one more."""
+def train_problems(ctx: RunContext) -> Callable[[int], Problem]:
+    """`task.train_problem`, remembered per rank for the problems of the steps the queue can
+    hold and one more: the prompt stage builds each problem and the reward stage of the same
+    rank needs it again a step or two later (the tiny task builds one from a string-seeded RNG:
+    0.41-0.42 ms for a step's 32, 0.003-0.004 ms remembered). `lru_cache` is thread-safe."""
     s = ctx.shape
-    return ctx.shared("train_problems", lambda: TrainProblems(
-        ctx.task, (s.max_staleness + 3) * s.prompts_per_step))
+    return ctx.shared("train_problems", lambda: functools.lru_cache(
+        maxsize=(s.max_staleness + 3) * s.prompts_per_step)(ctx.task.train_problem))
 
 
 def _prompts(ctx: RunContext) -> Stage:

@@ -94,28 +94,6 @@ def drain_step(q: QueueClient, stage: str, step: int, batch_size: int, timeout_s
         yield batch
 
 
-class TrainProblems:
-    """`task.train_problem(index)`, remembering the last `keep` problems it built: the prompt
-    stage makes each problem and the reward stage of the same rank needs it again a step or two
-    later. The tiny task builds one from a string-seeded RNG (~15 us: 0.5 ms a step, twice).
-    Thread-safe (two threads missing the same index at once both build it)."""
-
-    def __init__(self, task: Task, keep: int):
-        self.task, self.keep = task, keep
-        self._cache: dict[int, Problem] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, index: int) -> Problem:
-        problem = self._cache.get(index)
-        if problem is None:
-            problem = self.task.train_problem(index)
-            with self._lock:
-                self._cache[index] = problem
-                while len(self._cache) > self.keep:  # the first built first
-                    del self._cache[next(iter(self._cache))]
-        return problem
-
-
 class PromptStage(StageBase):
     """Puts the step's prompts (group_size rows each) as new rows; blocks while the queue is full.
 
@@ -126,7 +104,8 @@ class PromptStage(StageBase):
     def __init__(self, q: QueueClient, problems: Callable[[int], Problem], tokenizer: Tokenizer,
                  shape: StepShape, first_step: int = 0):
         self.q, self.problems, self.tok, self.shape = q, problems, tokenizer, shape
-        """`problems(index)`: the task's train problem (`task.train_problem` or `TrainProblems`)."""
+        """`problems(index)`: the task's train problem (`task.train_problem`, or the rank's
+        memory of it that the reward stage shares: `graph.train_problems`)."""
         self.first_step = first_step
         """A resumed run's restored queue may hold prompts of later steps already."""
 
@@ -376,7 +355,8 @@ class RewardStage(StageBase):
                  problems: Callable[[int], Problem] | None = None):
         self.q, self.task, self.tok, self.shape = q, task, tokenizer, shape
         self.problems = problems or task.train_problem
-        """Where a row's problem (its answer) comes from: the prompt stage's `TrainProblems`."""
+        """Where a row's problem (its answer) comes from: `graph.train_problems`, shared with the
+        prompt stage."""
         self.overlong = overlong
         """(max_new_tokens, buffer, penalty): DAPO's soft overlong punishment (buffer 0: off)."""
         self.eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
