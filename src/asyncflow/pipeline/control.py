@@ -42,7 +42,8 @@ class StopControl:
     def agreed(self, group) -> bool:
         """Train mesh, at a step boundary: whether any of its ranks was asked to stop."""
         stopping = torch.tensor([float(self.requested.is_set())])
-        dist.all_reduce(stopping, dist.ReduceOp.MAX, group=group)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(stopping, dist.ReduceOp.MAX, group=group)
         return bool(stopping.item())
 
     def announce(self, step: int) -> None:

@@ -211,7 +211,9 @@ class RolloutStage(StageBase):
         """Stream completions; put finished groups onward in chunks of about chunk_rows rows."""
         done: dict[int, list] = {}
         ready: list = []  # rows of finished groups not yet put
+        left = len(requests)  # one completion per request
         for c in self.engine.stream(requests):
+            left -= 1
             row = int(c.request_id)
             counts[3] += c.policy_version_end != c.policy_version_start
             counts[4] += c.finish_reason == "length"
@@ -223,7 +225,7 @@ class RolloutStage(StageBase):
             pending[g] -= 1
             if pending[g] == 0:
                 ready.extend(done.pop(g))
-            if len(ready) >= self.shape.chunk_rows or not any(pending.values()):
+            if len(ready) >= self.shape.chunk_rows or not left:
                 self._put(batch, ready, prompt_len)
                 counts[0] += len(ready)
                 counts[1] += sum(len(c.token_ids) for _, c in ready)
