@@ -16,7 +16,8 @@ after a warm-up (held-out evaluation runs only at the first and last step, which
 and the median number of rows trained per step (rows with a non-zero advantage), which sets the
 train cost and follows how well the model does, so runs are compared at the same stage. For the
 plain loop also the share of its step that forward, backward and the optimizer take: the floor of
-any schedule with one train rank.
+any schedule with one train rank. For the one-core runs (plain, colocated) also their step time over
+their own compute time (`compute_probe.py`), whose ratio compares them at equal machine speed.
 """
 
 from __future__ import annotations
@@ -48,15 +49,20 @@ def run_one(root: Path, name: str, schedule: str, steps: int, extra: list[str]) 
     kind, n, overrides = SCHEDULES[schedule]
     env = {**os.environ, "OMP_NUM_THREADS": str(n if kind == "plain" else 1),
            "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    probe_file = root / f"{name}.compute.json"
+    # one process on one core: time its compute too (see compute_probe.py); not the split
+    probe = [str(REPO / "benchmarks" / "compute_probe.py"), str(probe_file)] if n == 1 else []
     if kind == "plain":
         out_file = root / f"{name}.json"
-        cmd = [sys.executable, str(REPO / "benchmarks" / "plain_grpo.py"), "--steps",
+        cmd = [sys.executable, *probe, str(REPO / "benchmarks" / "plain_grpo.py"), "--steps",
                str(steps), "--threads", str(n), "--out", str(out_file), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-               "--standalone", "-m", "asyncflow.train", f"run.root={root}", f"run.name={name}",
-               f"pipeline.num_steps={steps}", f"pipeline.eval_every={steps + 1}",
-               "pipeline.eval_size=64", "checkpoint.every=0", *overrides, *extra]
+               "--standalone", *probe, "-m", "asyncflow.train", f"run.root={root}",
+               f"run.name={name}", f"pipeline.num_steps={steps}",
+               f"pipeline.eval_every={steps + 1}", "pipeline.eval_size=64", "checkpoint.every=0",
+               *overrides, *extra]
+    env["PROBE_SKIP"] = str(WARMUP)
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -72,6 +78,10 @@ def run_one(root: Path, name: str, schedule: str, steps: int, extra: list[str]) 
     out = {"step_s": statistics.median(times[body]), "trained": statistics.median(trained[body])}
     if kind == "plain":  # forward/backward/optimizer: what one train rank must do alone per step
         out["train_share"] = statistics.median(train_s[body]) / out["step_s"]
+    if probe:
+        p = json.loads(probe_file.read_text())
+        out["compute_s"] = sum(p["compute_s"].values()) / p["steps"]
+        out["per_compute"] = p["wall_s"] / sum(p["compute_s"].values())
     return out
 
 
@@ -97,7 +107,8 @@ def main() -> None:
                 r = run_one(Path(tmp), f"{key}-{rep}", key, args.steps, args.extra)
                 res[key].append(r)
                 print(f"[rep {rep}] {key}: step {r['step_s']:.3f} s, {r['trained']:.0f} rows "
-                      "trained per step", flush=True)
+                      "trained per step" + (f", compute {r['compute_s']:.3f} s a step"
+                                            if "compute_s" in r else ""), flush=True)
     base = "plain" if "plain" in res else names[0]
     lines = [
         "## Framework tax (benchmarks/overhead.py)\n",
@@ -105,19 +116,32 @@ def main() -> None:
         f"(2-core CPU VM), {time.strftime('%Y-%m-%d %H:%M')}; {args.steps} steps per run, steps "
         f"{WARMUP}..{args.steps - 2} counted; median (min-max) over {args.repeats} repeats; "
         f"ratios within a repeat.\n",
-        f"| schedule | step s | rows trained per step | step time / {base} | goal |",
-        "|---|---|---|---|---|"]
+        f"| schedule | step s | rows trained per step | step time / {base} | step / compute "
+        f"| at equal speed / {base} | goal |",
+        "|---|---|---|---|---|---|---|"]
     for key in names:
         rs = res[key]
         ratio = [r["step_s"] / b["step_s"] for r, b in zip(rs, res[base], strict=True)]
         goal = f"<= {GOALS[key]:.2f}" if key in GOALS else "-"
+        per, equal = "-", "-"
+        if all("per_compute" in r for r in rs + res[base]):
+            per = fmt([r["per_compute"] for r in rs])
+            equal = fmt([r["per_compute"] / b["per_compute"]
+                         for r, b in zip(rs, res[base], strict=True)], ".2f")
         lines.append(f"| {key} | {fmt([r['step_s'] for r in rs])} | "
-                     f"{fmt([r['trained'] for r in rs], '.0f')} | {fmt(ratio, '.2f')} | {goal} |")
+                     f"{fmt([r['trained'] for r in rs], '.0f')} | {fmt(ratio, '.2f')} | {per} | "
+                     f"{equal} | {goal} |")
     if "plain" in res:
         share = fmt([r["train_share"] for r in res["plain"]], ".2f")
         lines.append(f"\nThe plain loop's forward, backward and optimizer step take {share} of its "
                      "step: a split schedule, whose one train rank does that work alone, cannot "
                      "go below it.")
+    lines.append("\nstep / compute: a one-core run's wall time over the time its shared compute "
+                 "took (decode steps, forward, backward, optimizer; `compute_probe.py`), steps "
+                 f"{WARMUP}.. to the last optimizer step. Its ratio between two schedules is their "
+                 "step-time ratio at equal machine speed (this VM's speed moves between runs) if "
+                 "their compute runs equally fast: a slower compute in one of them is not counted. "
+                 "Not taken for the split schedules, whose two ranks also slow each other down.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
