@@ -78,7 +78,7 @@ def run_one(root: Path, name: str, schedule: str, steps: int, extra: list[str]) 
     out = {"step_s": statistics.median(times[body]), "trained": statistics.median(trained[body])}
     if kind == "plain":  # forward/backward/optimizer: what one train rank must do alone per step
         out["train_share"] = statistics.median(train_s[body]) / out["step_s"]
-    if probe:
+    if probe and probe_file.exists():  # absent when the run had no step after the warm-up
         p = json.loads(probe_file.read_text())
         out["compute_s"] = sum(p["compute_s"].values()) / p["steps"]
         out["per_compute"] = p["wall_s"] / sum(p["compute_s"].values())
