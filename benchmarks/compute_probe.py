@@ -5,8 +5,10 @@
 
 Wraps the four pieces of work that the plain loop and asyncflow share line for line: the torch
 engine's decode step, the trainer's forward (`SharedPromptBatch.logits`), `Tensor.backward` and
-`AdamW.step`. From the `--skip`-th optimizer step to the last one it sums their wall time and
-writes {"steps", "wall_s", "compute_s": {name: seconds}} to OUT (per step: divide by steps).
+`AdamW.step`. From the end of optimizer step PROBE_SKIP (environment, default 5, at least 1) to the
+end of the last one it sums their wall time and writes {"steps", "wall_s", "compute_s": {name:
+seconds}} to OUT (per step: divide by steps); work after the last optimizer step (a final
+evaluation) counts in neither.
 
 Why: this VM's speed moves 1.5-2x within seconds to minutes, and a run's step time moves with it,
 so two runs a minute apart do not compare. The ratio of a run's wall time to its own compute time
@@ -36,7 +38,8 @@ def install(out: str, skip: int) -> None:
     targets = {"decode": (TorchRolloutEngine, "_step"), "forward": (SharedPromptBatch, "logits"),
                "backward": (torch.Tensor, "backward"), "optimizer": (torch.optim.AdamW, "step")}
     spent = dict.fromkeys(targets, 0)
-    window = {"steps": -skip, "start": 0, "end": 0}
+    window = {"steps": -max(skip, 1), "start": 0, "end": 0}
+    at_end = dict(spent)  # `spent` as the last optimizer step ended
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -53,6 +56,7 @@ def install(out: str, skip: int) -> None:
                         window["start"] = now
                         for k in spent:
                             spent[k] = 0
+                    at_end.update(spent)
         return wrapper
 
     for name, (cls, attr) in targets.items():
@@ -63,7 +67,7 @@ def install(out: str, skip: int) -> None:
             with open(out, "w") as f:
                 json.dump({"steps": window["steps"],
                            "wall_s": (window["end"] - window["start"]) / 1e9,
-                           "compute_s": {k: v / 1e9 for k, v in spent.items()}}, f)
+                           "compute_s": {k: v / 1e9 for k, v in at_end.items()}}, f)
 
     atexit.register(write)
 
