@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from asyncflow.engines.fsdp_engine import all_reduce
 from asyncflow.log import get_logger
 
 logger = get_logger(__name__)
@@ -42,9 +43,7 @@ class StopControl:
     def agreed(self, group) -> bool:
         """Train mesh, at a step boundary: whether any of its ranks was asked to stop."""
         stopping = torch.tensor([float(self.requested.is_set())])
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(stopping, dist.ReduceOp.MAX, group=group)
-        return bool(stopping.item())
+        return bool(all_reduce(stopping, group, dist.ReduceOp.MAX).item())
 
     def announce(self, step: int) -> None:
         """The first train rank, once the stop checkpoint is written."""

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from asyncflow.algorithms import policy_loss, rows_with_gradient, sequence_weights
-from asyncflow.engines.fsdp_engine import FSDPTrainEngine
+from asyncflow.engines.fsdp_engine import FSDPTrainEngine, all_reduce
 from asyncflow.engines.sequences import PackedBatch, SharedPromptBatch, pack, pack_shared
 from asyncflow.log import get_logger
 from asyncflow.pipeline.stage import Metrics, StageBase
@@ -281,9 +281,8 @@ class TrainStage(StageBase):
         if self.accounting is not None:
             self.accounting.write(json.dumps({"step": step, "uids": uids}) + "\n")
             self.accounting.flush()
-        summed = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
-        if self.drain.dp_size > 1:  # one train rank: its sums are the mesh's
-            dist.all_reduce(summed, group=self.drain.group)
+        summed = all_reduce(torch.tensor([acc[k] for k in keys], dtype=torch.float64),
+                            self.drain.group)
         total = dict(zip(keys, summed.tolist(), strict=True))
         m.record(step_metrics)
         self._record_loss(m, total, step_metrics["optim/normaliser"])
